@@ -1,0 +1,180 @@
+"""Choose the n nested views of a region (spec §1.3 and §2): the base view t=0 plus n-1 candidates.
+
+Strategies:
+- ``"phash"`` (the method, "image prior"): score(t) = Hamming(h_0, h_t) / t**alpha over t = 0.1..1.0; the n-1
+  best, ties to the smaller t, in descending score. alpha=1 is the official rule. Difference from the reference:
+  when the remaining scores are all 0 (e.g. the region is the whole image) the reference picks t=0.1 again;
+  we never pick a candidate twice and take the next smallest t instead.
+- ``"random"`` (the training sampler): n-1 distinct candidates drawn with a seeded ``numpy.random.Generator``,
+  kept in sampled order (the reference uses Python's ``random.sample``, so the draws themselves differ).
+- ``"fixed"`` ("task prior"): the given ``ts``, in the given order; any t in (0, 1] works, off-grid ones are
+  computed like the candidates and appear in ``ViewPlan.views`` (and ``extra``), not in ``candidates``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .geometry import CANDIDATE_TS, NUM_CANDIDATES, crop_boxes, region_box, view_boxes
+from .hashing import hash_hex, make_hasher
+from .imageio import ImageSource, load_image
+
+STRATEGIES = ("phash", "fixed", "random")
+
+
+@dataclass(eq=False)  # compared by identity: == on the hash_bits arrays would be ambiguous
+class ViewCandidate:
+    """One nested view: t, b_t (float32 math), its integer crop box, h_t and its score."""
+
+    t: float
+    box: tuple[float, float, float, float]
+    crop_box: tuple[int, int, int, int]
+    hash_bits: np.ndarray
+    hash_hex: str
+    hamming: int
+    score: float
+    selected: bool = False
+
+    def to_dict(self) -> dict:
+        return {"t": self.t, "box": list(self.box), "crop_box": list(self.crop_box), "hash_hex": self.hash_hex,
+                "hamming": self.hamming, "score": self.score, "selected": self.selected}
+
+
+@dataclass(eq=False)
+class ViewPlan:
+    """The views of one region: base (t=0), the ten candidates, and the chosen ts in model order."""
+
+    box: tuple[float, float, float, float]
+    image_size: tuple[int, int]
+    n_views: int
+    strategy: str
+    hash_name: str
+    alpha: float
+    base: ViewCandidate
+    candidates: list[ViewCandidate]
+    selected_ts: list[float]
+    extra: list[ViewCandidate] = field(default_factory=list)  # "fixed" ts that are not on the 0.1 grid
+
+    @property
+    def views(self) -> list[ViewCandidate]:
+        """[base, chosen views...] in the order the model sees them (x_v index k)."""
+        by_t = {c.t: c for c in [*self.candidates, *self.extra]}
+        return [self.base, *(by_t[t] for t in self.selected_ts[1:])]
+
+    def to_dict(self) -> dict:
+        return {"box": list(self.box), "image_size": list(self.image_size), "n_views": self.n_views,
+                "strategy": self.strategy, "hash_name": self.hash_name, "alpha": self.alpha,
+                "selected_ts": list(self.selected_ts), "base": self.base.to_dict(),
+                "candidates": [c.to_dict() for c in self.candidates], "extra": [c.to_dict() for c in self.extra],
+                "views": [v.to_dict() for v in self.views]}
+
+
+def plan_views(image: ImageSource, box: Sequence[float], n_views: int = 3, strategy: str = "phash", *,
+               ts: Sequence[float] | None = None, alpha: float = 1.0, hash_name: str = "dct",
+               seed: int | None = None) -> ViewPlan:
+    """Plan the n views of the region ``box`` = (x1, y1, x2, y2) in pixels of ``image``."""
+    return plan_views_batch(image, [box], n_views, strategy, ts=ts, alpha=alpha, hash_name=hash_name, seed=seed)[0]
+
+
+def plan_views_batch(image: ImageSource, boxes: Sequence[Sequence[float]], n_views: int = 3,
+                     strategy: str = "phash", *, ts: Sequence[float] | None = None, alpha: float = 1.0,
+                     hash_name: str = "dct", seed: int | None = None) -> list[ViewPlan]:
+    """``plan_views`` for many regions of one image: the image is converted (and hashed per crop box) once.
+
+    With ``strategy="random"`` one Generator seeded with ``seed`` draws for all boxes in order.
+    """
+    fixed_ts = _check_args(n_views, strategy, ts, alpha)
+    rgb = np.asarray(load_image(image))
+    size = (rgb.shape[1], rgb.shape[0])
+    regions = [region_box(b, size) for b in boxes]
+    if not regions:
+        return []
+    hasher = make_hasher(rgb, hash_name)
+    grid = np.array(CANDIDATE_TS, dtype=np.float64)
+    all_ts = [0.0, *CANDIDATE_TS]
+    # (N, 11, 4) float32 boxes b_t, their crop boxes and (N, 11, 64) hashes h_t.
+    b_t = np.stack([view_boxes(b, size, all_ts) for b in regions])
+    crops = np.stack([crop_boxes(b, size) for b in b_t])
+    bits = hasher.many(crops).reshape(len(regions), len(all_ts), -1)
+    hamming = (bits[:, :1] != bits[:, 1:]).sum(-1)
+    scores = hamming / grid ** alpha
+    rng = np.random.default_rng(seed) if strategy == "random" else None
+
+    plans = []
+    for i, region in enumerate(regions):
+        def view(k: int, t: float) -> ViewCandidate:
+            h = bits[i, k].reshape(8, 8)
+            return ViewCandidate(t=t, box=tuple(float(v) for v in b_t[i, k]),
+                                 crop_box=tuple(int(v) for v in crops[i, k]), hash_bits=h, hash_hex=hash_hex(h),
+                                 hamming=int(hamming[i, k - 1]) if k else 0,
+                                 score=float(scores[i, k - 1]) if k else 0.0)
+
+        base = view(0, 0.0)
+        candidates = [view(k + 1, t) for k, t in enumerate(CANDIDATE_TS)]
+        extra: list[ViewCandidate] = []
+        if strategy == "phash":
+            chosen = [CANDIDATE_TS[k] for k in rank_candidates(scores[i], n_views - 1)]
+        elif strategy == "random":
+            chosen = [CANDIDATE_TS[k] for k in rng.choice(NUM_CANDIDATES, size=n_views - 1, replace=False)]
+        else:
+            chosen = []
+            for t in fixed_ts:  # already snapped to the grid where within 1e-9 of it
+                if t not in CANDIDATE_TS:
+                    extra.append(_off_grid_view(region, size, t, hasher, base.hash_bits, alpha))
+                chosen.append(t)
+        for c in [*candidates, *extra]:
+            c.selected = c.t in chosen
+        plans.append(ViewPlan(box=tuple(float(v) for v in region), image_size=size, n_views=n_views,
+                              strategy=strategy, hash_name=hash_name, alpha=alpha, base=base,
+                              candidates=candidates, selected_ts=[0.0, *chosen], extra=extra))
+    return plans
+
+
+def rank_candidates(scores: np.ndarray, k: int) -> list[int]:
+    """Indices of the k best candidate scores, best first, ties to the smaller index (smaller t), never twice.
+
+    Equals the reference's greedy argmax-then-zero loop, except that once the remaining scores are all 0 the
+    reference returns index 0 again while we return the smallest index not taken yet.
+    """
+    return [int(i) for i in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]]
+
+
+def _off_grid_view(region, size, t, hasher, h0, alpha) -> ViewCandidate:
+    # Crop it after the smaller grid ts so that it nests like them (see crop_boxes).
+    b = view_boxes(region, size, [0.0, *(g for g in CANDIDATE_TS if g < t), t])
+    c = crop_boxes(b, size)[-1]
+    h = hasher(c).reshape(8, 8)
+    ham = int((h != h0).sum())
+    return ViewCandidate(t=t, box=tuple(float(v) for v in b[-1]), crop_box=tuple(int(v) for v in c), hash_bits=h,
+                         hash_hex=hash_hex(h), hamming=ham, score=float(ham / t ** alpha))
+
+
+def _check_args(n_views, strategy, ts, alpha) -> list[float]:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not known: use one of {STRATEGIES}")
+    if not isinstance(n_views, (int, np.integer)) or n_views < 1:
+        raise ValueError(f"n_views={n_views!r} must be an integer >= 1 (the base view t=0 is always included)")
+    if not np.isfinite(alpha):
+        raise ValueError(f"alpha={alpha!r} must be a finite number (alpha=1 is the method's 1/t discount)")
+    if strategy != "fixed":
+        if ts is not None:
+            raise ValueError(f"ts={ts!r} is only used with strategy='fixed'")
+        if n_views - 1 > NUM_CANDIDATES:
+            raise ValueError(f"n_views={n_views} is too large: there are {NUM_CANDIDATES} candidates, so at most "
+                             f"{NUM_CANDIDATES + 1} views")
+        return []
+    if ts is None:
+        raise ValueError("strategy='fixed' needs ts, e.g. ts=(0.2, 0.6)")
+    fixed = [float(t) for t in ts]
+    if len(fixed) != n_views - 1:
+        raise ValueError(f"ts={tuple(fixed)} has {len(fixed)} values but n_views={n_views} needs n_views-1 = "
+                         f"{n_views - 1}")
+    bad = [t for t in fixed if not (0.0 < t <= 1.0)]
+    if bad:
+        raise ValueError(f"ts={tuple(fixed)}: every t must be in (0, 1] (t=0 is the base view), got {bad}")
+    snapped = [next((g for g in CANDIDATE_TS if abs(g - t) < 1e-9), t) for t in fixed]
+    if len(set(snapped)) != len(snapped):
+        raise ValueError(f"ts={tuple(fixed)} repeats a value: the views must be distinct")
+    return snapped
