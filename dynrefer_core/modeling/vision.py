@@ -1,0 +1,65 @@
+"""Vision backbone + RoI-Align (spec 3.1-3.2).
+
+All N*n view images go through the ViT as one batch, region-major and view-minor ("(s v)" order).
+The ViT is transformers' `Blip2VisionModel`: EVA ViT-g/14 with 39 blocks for the official preset; its
+`post_layernorm` plays the role of BLIP-2's `ln_vision`. RoI-Align is torchvision's, with the release's
+flags (output G = S/P, scale 1/P, sampling 2, aligned=False) so that the released weights see the same
+features.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import RoIAlign
+from transformers import Blip2VisionConfig, Blip2VisionModel
+
+from ..config import DynReferConfig
+
+
+def vision_config(config: DynReferConfig) -> Blip2VisionConfig:
+    return Blip2VisionConfig(
+        hidden_size=config.vision_width,
+        intermediate_size=config.vision_intermediate,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        hidden_act="gelu",
+        layer_norm_eps=config.vision_layer_norm_eps,
+        qkv_bias=True,
+        attention_dropout=0.0,
+    )
+
+
+class VisionEncoder(nn.Module):
+    """Pixels of every view -> (CLS_k, RoI map X_k) per view.
+
+    Input `pixel_values (B, 3, S, S)` and `boxes (B, 4)` (the region box in each view's S-pixel
+    coordinates). Output `cls (B, C)` and `rois (B, C, G, G)`.
+    """
+
+    def __init__(self, config: DynReferConfig):
+        super().__init__()
+        self.grid = config.grid_size
+        self.vit = Blip2VisionModel(vision_config(config))
+        self.roi_align = RoIAlign(output_size=self.grid, spatial_scale=1.0 / config.patch_size,
+                                  sampling_ratio=2, aligned=False)
+
+    def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ViT tokens after `ln_vision`: (B, 1 + G*G, C)."""
+        dtype = self.vit.embeddings.patch_embedding.weight.dtype
+        return self.vit(pixel_values=pixel_values.to(dtype)).last_hidden_state
+
+    def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokens(pixel_values)
+        b, length, c = tokens.shape
+        if length != 1 + self.grid * self.grid:
+            raise ValueError(f"ViT gave {length} tokens, expected 1 + {self.grid}^2 for this image size")
+        cls = tokens[:, 0]
+        grid = tokens[:, 1:].transpose(1, 2).reshape(b, c, self.grid, self.grid)
+        # One RoI per view image, indexed by its own batch position.
+        boxes = boxes.float()
+        index = torch.arange(b, device=boxes.device, dtype=boxes.dtype)[:, None]
+        rois = torch.cat([index, boxes], dim=1).float()
+        # The release casts ViT features to fp32 before RoI-Align and fusion (predict_answers).
+        return cls.float(), self.roi_align(grid.float(), rois)

@@ -1,0 +1,169 @@
+"""The tiny DynRefer end to end on the CPU: losses, gradients, decoders and describe() on a real photo."""
+import json
+
+import pytest
+import torch
+from matplotlib import cbook
+
+from dynrefer_core.config import DynReferConfig
+from dynrefer_core.modeling.dynrefer import DynRefer
+from dynrefer_core.vocab import Vocabulary
+
+PHOTO = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # a real 512x600 photo shipped with matplotlib
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: two threads on a shared 2-core machine are much slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DynRefer(DynReferConfig.tiny()).eval()  # eval: the heads' dropout is off
+
+
+def batch(model, n=4):
+    g = torch.Generator().manual_seed(0)
+    s = model.config.image_size
+    pixel_values = torch.randn(n, 3, 3, s, s, generator=g)
+    boxes = torch.tensor([[0.0, 0, s, s], [20, 25, 80, 90], [30, 12, 62, 60]]).expand(n, 3, 4).clone()
+    captions = ["a man in a white shirt", "a red car on the street", "a black dog", "a green tree"][:n]
+    tags = torch.zeros(n, len(model.vocabulary.tags))
+    for i, name in enumerate(["man", "car", "dog", "tree"][:n]):
+        tags[i, model.vocabulary.tags.index(name)] = 1
+    return pixel_values, boxes, captions, tags
+
+
+def test_forward_backward_and_losses_decrease():
+    torch.manual_seed(0)
+    model = DynRefer(DynReferConfig.tiny()).train()
+    pixel_values, boxes, captions, tags = batch(model)
+    controls = ["man|", "|", "dog,black dog|", "|"]
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-3)
+    history = []
+    for _ in range(8):
+        out = model(pixel_values, boxes, captions, tags, controls=controls)
+        assert set(out.losses) == {"caption", "tag", "rtc"}
+        assert all(torch.isfinite(v) for v in out.losses.values())
+        assert torch.allclose(out.loss, sum(out.losses.values()))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        history.append({k: v.item() for k, v in out.losses.items()})
+    for key in ("caption", "tag", "rtc"):
+        assert history[-1][key] < history[0][key], (key, [h[key] for h in history])
+    assert model.align.offset_mask.weight.grad.abs().sum() > 0  # the alignment module learns
+
+
+def test_frozen_towers_get_no_gradient():
+    import dataclasses
+
+    config = dataclasses.replace(DynReferConfig.tiny(), freeze_vision=True, freeze_language=True,
+                                 freeze_query_tokens=True)
+    model = DynRefer(config).train()
+    assert not model.vision.training and not model.language.t5.training
+    out = model(*batch(model, 2), controls=["|", "|"])
+    out.loss.backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert all(p.grad is None for p in model.language.t5.parameters())
+    assert model.qformer.query_tokens.grad is None
+    assert model.language.proj.weight.grad is not None and model.language.control_memory.grad is not None
+    assert all(p.grad is None for p in model.text_encoder.parameters())
+
+
+def test_sampled_controls_come_from_tags_and_caption(model):
+    tags = torch.zeros(2, len(model.vocabulary.tags))
+    tags[0, model.vocabulary.tags.index("dog")] = 1
+    torch.manual_seed(3)
+    controls = [c for _ in range(20) for c in model.sample_controls(tags, ["a brown dog", "a red car"])]
+    words = {w for c in controls for w in c[:-1].split(",") if w}
+    assert all(c.endswith("|") for c in controls)
+    assert words <= {"dog", "brown dog", "red car", "car"} and "dog" in words
+
+
+def test_decoders_shapes_and_calibration(model):
+    pixel_values, boxes, *_ = batch(model)
+    with torch.inference_mode():
+        z = model.encode_regions(pixel_values, boxes)
+        assert z.shape == (4, model.config.num_query_tokens, model.config.qformer_hidden)
+        assert model.tag_scores(z).shape == (4, len(model.vocabulary.tags))
+        s = model.text_scores(z, ["a dog", "a car", "sky"])
+        probs = model.text_probabilities(z, ["a dog", "a car", "sky"])
+        rtc = model.rtc_decoder
+        assert torch.allclose(probs, torch.sigmoid(s * rtc.logit_scale.exp() + rtc.logit_bias))
+        assert model.classify(z).shape == (4, 80)
+        assert torch.allclose(model.classify(z, ["Dog", "car"]), model.text_scores(z, ["the dog", "the car"]))
+        assert model.attribute_scores(z).shape == (4, len(model.vocabulary.attributes))
+
+
+def test_bad_inputs_are_refused(model):
+    pixel_values, boxes, captions, tags = batch(model)
+    with pytest.raises(ValueError, match="expected \\(N, 3, 3, 112, 112\\)"):
+        model.encode_regions(pixel_values[:, :2], boxes[:, :2])
+    with pytest.raises(ValueError, match="tag_targets"):
+        model(pixel_values, boxes, captions, tags[:, :5])
+    with pytest.raises(ValueError, match="3 captions for 4 regions"):
+        model(pixel_values, boxes, captions[:3], tags)
+
+
+def test_describe_a_real_photo(model):
+    boxes = [(120, 60, 400, 330), (0, 0, 512, 600), (200, 400, 330, 590)]
+    results = model.describe(PHOTO, boxes, phrases=["a woman in uniform", "medals"], tag_threshold=0.0)
+    assert len(results) == 3
+    for r, box in zip(results, boxes):
+        assert r.box == tuple(float(v) for v in box)
+        assert [v.t for v in r.plan.views][0] == 0.0 and len(r.plan.views) == 3
+        assert isinstance(r.caption, str) and 0 < r.caption_score <= 1
+        scores = [s for _, s in r.tags]
+        assert len(r.tags) == len(model.vocabulary.tags) and scores == sorted(scores, reverse=True)  # threshold 0
+        assert [p for p, _ in r.similarity] == ["a woman in uniform", "medals"]
+        assert all(0 <= s <= 1 for _, s in r.similarity)
+        assert r.category in model.vocabulary.classes
+        assert set(r.timings) == {"views", "vision", "heads", "caption", "total"}
+        d = r.to_dict()
+        json.dumps(d)
+        assert {"box", "views", "caption", "caption_score", "tags", "similarity", "timings"} <= set(d)
+    # The full-image box: every view is the whole image.
+    assert results[1].plan.views[0].crop_box == (0, 0, 512, 600)
+    high = model.describe(PHOTO, boxes[:1], tag_threshold=1.0)
+    assert high[0].tags == [] and high[0].control == "|"
+    assert model.describe(PHOTO, []) == []
+    with pytest.raises(ValueError, match="n_views=2"):
+        model.describe(PHOTO, boxes[:1], n_views=2)
+
+
+def test_describe_is_deterministic_and_batch_independent(model):
+    boxes = [(120, 60, 400, 330), (200, 400, 330, 590)]
+    together = model.describe(PHOTO, boxes, phrases=["face"])
+    alone = model.describe(PHOTO, boxes[1:], phrases=["face"], batch_size=1)
+    assert together[1].caption == alone[0].caption
+    assert together[1].similarity[0][1] == pytest.approx(alone[0].similarity[0][1], abs=1e-5)
+
+
+def test_custom_vocabulary(model):
+    vocab = Vocabulary(tags=["person", "uniform", "flag"], classes=["person", "chair"])
+    m = DynRefer(DynReferConfig.tiny(), vocabulary=vocab)
+    assert m.tag_embeds.shape == (3, 32) and m.class_embeds.shape == (2, 32)
+    r = m.describe(PHOTO, [(120, 60, 400, 330)], tag_threshold=0.0)[0]
+    assert {n for n, _ in r.tags} == {"person", "uniform", "flag"} and r.category in {"person", "chair"}
+    with pytest.raises(ValueError, match="duplicate tag names"):
+        Vocabulary(tags=["a", "a"], classes=["b"])
+
+
+def test_identical_captions_can_count_as_matches():
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = DynRefer(DynReferConfig.tiny()).eval()
+    pixel_values, boxes, _, tags = batch(model, 2)
+    captions = ["a black dog", "a black dog"]
+    plain = model(pixel_values, boxes, captions, tags, controls=["|", "|"]).losses["rtc"]
+    model.config = dataclasses.replace(model.config, rtc_same_caption_positive=True)
+    merged = model(pixel_values, boxes, captions, tags, controls=["|", "|"]).losses["rtc"]
+    # Off-diagonal pairs flip from negative to positive labels; with b = -10 that raises the loss.
+    assert merged.item() > plain.item() + 1.0
