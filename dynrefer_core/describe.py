@@ -47,8 +47,11 @@ class RegionResult:
     def to_dict(self) -> dict:
         out = {
             "box": [float(v) for v in self.box],
+            # Every scored view (t = 0 and all candidates), flagged `selected`, so a client sees why the chosen
+            # ones won; `selected_ts` gives the model's order of the n views.
             "views": [{"t": v.t, "crop_box": list(v.crop_box), "hash_hex": v.hash_hex, "hamming": v.hamming,
-                       "score": v.score, "selected": v.selected} for v in self.plan.views],
+                       "score": v.score, "selected": v.selected} for v in self.plan.all_views],
+            "selected_ts": list(self.plan.selected_ts),
             "caption": self.caption,
             "caption_score": float(self.caption_score),
             "tags": [{"name": n, "score": float(s)} for n, s in self.tags],

@@ -128,6 +128,10 @@ def test_describe_a_real_photo(model):
         d = r.to_dict()
         json.dumps(d)
         assert {"box", "views", "caption", "caption_score", "tags", "similarity", "timings"} <= set(d)
+        # The JSON lists every scored view (t = 0 and the ten candidates); exactly the n used are selected.
+        assert [v["t"] for v in d["views"]][:2] == [0.0, 0.1] and len(d["views"]) == 11
+        assert sorted(v["t"] for v in d["views"] if v["selected"]) == sorted(r.plan.selected_ts)
+        assert all(len(v["hash_hex"]) == 16 for v in d["views"])
     # The full-image box: every view is the whole image.
     assert results[1].plan.views[0].crop_box == (0, 0, 512, 600)
     high = model.describe(PHOTO, boxes[:1], tag_threshold=1.0)

@@ -58,6 +58,11 @@ class ViewPlan:
     extra: list[ViewCandidate] = field(default_factory=list)  # "fixed" ts that are not on the 0.1 grid
 
     @property
+    def all_views(self) -> list[ViewCandidate]:
+        """Every view that was hashed and scored: t = 0, the ten candidates, then off-grid fixed ts."""
+        return [self.base, *self.candidates, *self.extra]
+
+    @property
     def views(self) -> list[ViewCandidate]:
         """[base, chosen views...] in the order the model sees them (x_v index k)."""
         by_t = {c.t: c for c in [*self.candidates, *self.extra]}
@@ -112,6 +117,7 @@ def plan_views_batch(image: ImageSource, boxes: Sequence[Sequence[float]], n_vie
                                  score=float(scores[i, k - 1]) if k else 0.0)
 
         base = view(0, 0.0)
+        base.selected = True  # view 0 (t = 0) is always one of the n views
         candidates = [view(k + 1, t) for k, t in enumerate(CANDIDATE_TS)]
         extra: list[ViewCandidate] = []
         if strategy == "phash":
