@@ -10,14 +10,6 @@ from dynrefer_core.checkpoint import load_official_state_dict, official_state_di
 from dynrefer_core.config import DynReferConfig
 from dynrefer_core.modeling.dynrefer import DynRefer
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: two threads on a shared 2-core machine are much slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def release_shapes(c: DynReferConfig) -> dict[str, tuple]:
     """The release's trainable keys and shapes, written from spec 6.4 (not from our module names)."""

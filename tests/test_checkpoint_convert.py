@@ -17,13 +17,6 @@ from test_checkpoint import release_dict
 EVA_WIDTH, EVA_HEADS, EVA_LAYERS, EVA_CONTEXT = 128, 2, 2, 16  # EVA-CLIP's rule: heads = width // 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):

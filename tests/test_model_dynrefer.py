@@ -12,14 +12,6 @@ from dynrefer_core.vocab import Vocabulary
 PHOTO = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # a real 512x600 photo shipped with matplotlib
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: two threads on a shared 2-core machine are much slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model():

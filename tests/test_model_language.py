@@ -12,14 +12,6 @@ from dynrefer_core.modeling.language import LanguageDecoder, caption_phrases, co
 from dynrefer_core.modeling.tokenization import build_word_tokenizer, clean_decoded, load_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: two threads on a shared 2-core machine are much slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():

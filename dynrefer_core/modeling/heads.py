@@ -71,12 +71,16 @@ class TagDecoder(nn.Module):
         self.fc = nn.Linear(config.head_hidden, 1)
 
     def forward(self, z: torch.Tensor, tag_embeds: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attend(z, tag_embeds)).squeeze(-1)
+
+    def attend(self, z: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Text embeddings as queries over the region tokens z: (N, T, head_hidden)."""
         memory = self.vision_proj(z)
-        queries = self.text_proj(tag_embeds.to(memory.dtype))[None].expand(z.shape[0], -1, -1)
-        return self.fc(self.head(queries, memory)).squeeze(-1)
+        queries = self.text_proj(text_embeds.to(memory.dtype))[None].expand(z.shape[0], -1, -1)
+        return self.head(queries, memory)
 
 
-class RegionTextDecoder(nn.Module):
+class RegionTextDecoder(TagDecoder):
     """D_rtc: matching score s (N, T) of each region with each text, s = fc(L2norm(h)).
 
     Training logits are s * exp(t) + b with learned scalars t (init ln 10) and b (init -10), as in
@@ -84,18 +88,12 @@ class RegionTextDecoder(nn.Module):
     """
 
     def __init__(self, config: DynReferConfig):
-        super().__init__()
-        self.vision_proj = nn.Linear(config.qformer_hidden, config.head_hidden)
-        self.text_proj = nn.Linear(config.text_embed_dim, config.head_hidden)
-        self.head = CrossAttentionHead(config)
-        self.fc = nn.Linear(config.head_hidden, 1)
+        super().__init__(config)  # the same layers as D_tag (the release's attr_* mirror tag_*)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
 
     def forward(self, z: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        memory = self.vision_proj(z)
-        queries = self.text_proj(text_embeds.to(memory.dtype))[None].expand(z.shape[0], -1, -1)
-        return self.fc(F.normalize(self.head(queries, memory), dim=-1)).squeeze(-1)
+        return self.fc(F.normalize(self.attend(z, text_embeds), dim=-1)).squeeze(-1)
 
     def calibrated(self, scores: torch.Tensor) -> torch.Tensor:
         return scores * self.logit_scale.exp() + self.logit_bias
