@@ -1,23 +1,32 @@
-"""Benchmark view planning: plan_views per box, plan_views_batch, and a literal per-candidate loop (spec §1-§2).
+"""Benchmark view planning and rendering against literal loops written from the spec (§1-§2, §1.4).
 
-    .venv/bin/python bench/bench_views.py            # prints a markdown table
+    .venv/bin/python bench/bench_views.py            # prints two markdown tables
+    .venv/bin/python bench/bench_views.py --only render --repeats 2 --torch-threads 1
     .venv/bin/python bench/bench_views.py --example assets/views_example.png
 
-The literal loop below is written independently from the library, straight from the spec, and the results of
-all three paths are asserted identical (selected ts, crop boxes, every hash bit) before timing is reported.
+Planning: plan_views per box and plan_views_batch against a per-candidate loop; rendering: render_views
+(distinct crops once, on threads, one batched normalisation) with 1 worker and with its default against a
+per-view loop (crop -> v2 resize -> to tensor -> normalise). Both literal loops are written independently from
+the library, and every result is asserted identical (selected ts, crop boxes, hash bits; torch.equal pixels)
+before timing is reported.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as v2F
 
-from dynrefer_core.views import contact_sheet, draw_views, plan_views, plan_views_batch
+from dynrefer_core.views import (CLIP_MEAN, CLIP_STD, contact_sheet, draw_views, plan_views, plan_views_batch,
+                                 render_views)
 
 
 def photo_like(width: int = 1024, height: int = 768, seed: int = 0, noise: float = 4.0) -> Image.Image:
@@ -86,6 +95,22 @@ def literal_plan(image: Image.Image, box, n_views: int = 3):
     return [0.0] + [ts[k + 1] for k in chosen], crops, np.stack(hashes).astype(bool)
 
 
+def literal_render(image: Image.Image, plans, size: int = 224) -> torch.Tensor:
+    """The reference's transform, one view at a time: (N, n, 3, S, S)."""
+    rgb = np.asarray(image)
+    regions = []
+    for plan in plans:
+        views = []
+        for view in plan.views:
+            u1, v1, u2, v2 = view.crop_box
+            crop = Image.fromarray(rgb[v1:v2, u1:u2])
+            x = v2F.resize(crop, [size, size], interpolation=InterpolationMode.BICUBIC)
+            x = v2F.to_dtype(v2F.to_image(x), torch.float32, scale=True)
+            views.append(v2F.normalize(x, list(CLIP_MEAN), list(CLIP_STD)))
+        regions.append(torch.stack(views))
+    return torch.stack(regions)
+
+
 def same(plan, literal) -> bool:
     ts, crops, hashes = literal
     ours = [plan.base, *plan.candidates]
@@ -106,6 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--example", type=Path, help="write a draw_views + contact_sheet picture here and exit")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=("plan", "render"), help="run one of the two tables")
+    parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own)")
     args = parser.parse_args()
     image = photo_like()
     if args.example:
@@ -123,8 +150,17 @@ def main() -> None:
         print(f"wrote {args.example} ({out.width}x{out.height}); selected_ts={plan.selected_ts}")
         return
 
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores; "
-          f"image {image.width}x{image.height}; best of {args.repeats}\n")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, torch threads "
+          f"{torch.get_num_threads()}; image {image.width}x{image.height}; best of {args.repeats}\n")
+    if args.only in (None, "plan"):
+        bench_planning(image, args.repeats)
+    if args.only in (None, "render"):
+        bench_rendering(image, args.repeats)
+
+
+def bench_planning(image: Image.Image, repeats: int) -> None:
     print("| boxes | literal loop ms/region | plan_views ms/region | plan_views_batch ms/region "
           "| single speed-up | batch speed-up |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -135,10 +171,32 @@ def main() -> None:
         batch = plan_views_batch(image, boxes)
         assert all(same(p, lit) for p, lit in zip(single, literal)), "plan_views differs from the literal loop"
         assert all(same(p, lit) for p, lit in zip(batch, literal)), "plan_views_batch differs from the literal loop"
-        t_lit = best_of(lambda: [literal_plan(image, b) for b in boxes], args.repeats) / n * 1e3
-        t_one = best_of(lambda: [plan_views(image, b) for b in boxes], args.repeats) / n * 1e3
-        t_bat = best_of(lambda: plan_views_batch(image, boxes), args.repeats) / n * 1e3
+        t_lit = best_of(lambda: [literal_plan(image, b) for b in boxes], repeats) / n * 1e3
+        t_one = best_of(lambda: [plan_views(image, b) for b in boxes], repeats) / n * 1e3
+        t_bat = best_of(lambda: plan_views_batch(image, boxes), repeats) / n * 1e3
         print(f"| {n} | {t_lit:.2f} | {t_one:.2f} | {t_bat:.2f} | {t_lit / t_one:.1f}x | {t_lit / t_bat:.1f}x |")
+    print()
+
+
+def bench_rendering(image: Image.Image, repeats: int) -> None:
+    workers = min(8, os.cpu_count() or 1)
+    print(f"| boxes | views (distinct) | literal loop ms/region | render_views 1 worker ms/region "
+          f"| render_views {workers} workers ms/region | 1-worker speed-up | {workers}-worker speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in (10, 100):
+        plans = plan_views_batch(image, random_boxes(n, image.width, image.height, seed=n))
+        expected = literal_render(image, plans)
+        for w in (1, workers):
+            assert torch.equal(render_views(image, plans, workers=w).pixel_values, expected), \
+                f"render_views(workers={w}) differs from the literal loop"
+        n_views = sum(len(p.views) for p in plans)
+        n_distinct = len({v.crop_box for p in plans for v in p.views})
+        t_lit = best_of(lambda: literal_render(image, plans), repeats) / n * 1e3
+        t_one = best_of(lambda: render_views(image, plans, workers=1), repeats) / n * 1e3
+        t_all = best_of(lambda: render_views(image, plans, workers=workers), repeats) / n * 1e3
+        print(f"| {n} | {n_views} ({n_distinct}) | {t_lit:.2f} | {t_one:.2f} | {t_all:.2f} | {t_lit / t_one:.1f}x "
+              f"| {t_lit / t_all:.1f}x |")
+    print()
 
 
 if __name__ == "__main__":

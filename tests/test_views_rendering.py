@@ -63,3 +63,33 @@ def test_plan_for_another_image_is_refused():
     plan = plan_views(picture(90, 70), (10, 20, 30, 40))
     with pytest.raises(ValueError, match="90x70 image but this image is 60x70"):
         render_views(picture(60, 70), plan)
+
+
+def test_threaded_and_cached_rendering_equals_each_plan_alone():
+    img = picture(90, 70)
+    boxes = [(10, 20, 30, 40), (40.5, 5.5, 88, 60), (10, 20, 30, 40), (0, 0, 90, 70), (3, 3, 9, 9),
+             (60, 50, 89, 69), (0, 0, 90, 70), (30, 10, 31, 60)]
+    # The batch hashes 8 x 11 crop boxes on threads; one box at a time stays below the threading threshold.
+    plans = plan_views_batch(img, boxes, n_views=3, strategy="fixed", ts=(0.5, 1.0))
+    alone = [plan_views(img, b, n_views=3, strategy="fixed", ts=(0.5, 1.0)) for b in boxes]
+    assert [[v.hash_hex for v in [p.base, *p.candidates]] for p in plans] == \
+        [[v.hash_hex for v in [p.base, *p.candidates]] for p in alone]
+    out = render_views(img, plans, size=32, workers=3)
+    assert out.pixel_values.shape == (8, 3, 3, 32, 32)
+    # Every region's t=1 view is the whole image, and regions 0/2 and 3/6 repeat: each crop is rendered once.
+    assert len({id(c) for row in out.crops for c in row}) == len({v.crop_box for p in plans for v in p.views})
+    assert out.crops[0][2] is out.crops[5][2] and out.crops[0][1] is out.crops[2][1]
+    for i, plan in enumerate(alone):
+        one = render_views(img, plan, size=32, workers=1)
+        assert torch.equal(out.pixel_values[i], one.pixel_values[0])
+        assert torch.equal(out.boxes[i], one.boxes[0])
+        assert [c.tobytes() for c in out.crops[i]] == [c.tobytes() for c in one.crops[0]]
+
+
+def test_mixed_view_counts_and_bad_workers_are_refused():
+    img = picture()
+    plans = [plan_views(img, (10, 20, 30, 40), n_views=2), plan_views(img, (10, 20, 30, 40), n_views=3)]
+    with pytest.raises(ValueError, match=r"plans have \[2, 3\] views"):
+        render_views(img, plans, size=16)
+    with pytest.raises(ValueError, match="workers=0 must be >= 1"):
+        render_views(img, plans[0], size=16, workers=0)

@@ -1,7 +1,9 @@
 """Turn a ViewPlan into model input (spec §1.4): each crop resized to SxS, CLIP-normalised, box mapped into it."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,8 @@ from .planning import ViewPlan
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_WORKERS = 8  # past ~8 threads the resizes are limited by memory bandwidth, not cores
+MIN_CROPS_FOR_THREADS = 4  # one plan (3 views) renders faster in a plain loop than a pool can start
 
 
 @dataclass
@@ -31,35 +35,70 @@ class RenderedViews:
 
 
 def render_views(image: ImageSource, plans: ViewPlan | Sequence[ViewPlan], size: int = 224, *,
-                 box_rounding: str = "none") -> RenderedViews:
+                 box_rounding: str = "none", workers: int | None = None) -> RenderedViews:
     """Crop the views of each plan from ``image`` (converted once) and build the model inputs.
 
     The crop is resized as a PIL image with torchvision's v2 ``resize`` (bicubic, aspect not kept), exactly the
     reference's path (its v2 ``Resize`` receives PIL crops, so PIL's antialiased bicubic does the work).
     ``box_rounding``: "none" gives spec §1.4's exact mapping (view 0 = [0, 0, S, S]); "reference" truncates like
     the reference's torchvision int64 box resize (see ``geometry.map_box_to_view``).
+
+    Speed without changing a value: each distinct crop box is rendered once (views repeated across regions, such
+    as the whole-image t=1 view, share the tensor values and the same PIL crop object), and the distinct crops
+    are rendered by ``workers`` threads (default ``min(8, os.cpu_count())``; PIL's resize releases the GIL).
     """
     plan_list = [plans] if isinstance(plans, ViewPlan) else list(plans)
-    rgb = np.asarray(load_image(image))
-    H, W = rgb.shape[:2]
+    pil = load_image(image)
+    W, H = pil.size
     for p in plan_list:
         if tuple(p.image_size) != (W, H):
             raise ValueError(f"plan was made for a {p.image_size[0]}x{p.image_size[1]} image but this image is "
                              f"{W}x{H}: plan and render the same image")
-    pixels, boxes, crops = [], [], []
-    for p in plan_list:
-        views = p.views
-        base = np.array(p.base.crop_box)
-        row_crops = []
-        for v in views:
-            u1, v1, u2, v2 = v.crop_box
-            crop = Image.fromarray(np.ascontiguousarray(rgb[v1:v2, u1:u2]), "RGB")
-            row_crops.append(TF.resize(crop, [size, size], interpolation=InterpolationMode.BICUBIC))
-        x = torch.stack([TF.to_dtype(TF.to_image(c), torch.float32, scale=True) for c in row_crops])
-        pixels.append(TF.normalize(x, list(CLIP_MEAN), list(CLIP_STD)))
-        boxes.append(torch.from_numpy(np.stack([map_box_to_view(base, np.array(v.crop_box), size, box_rounding)
-                                                for v in views])))
-        crops.append(row_crops)
     if not plan_list:
         return RenderedViews(torch.empty(0, 0, 3, size, size), torch.empty(0, 0, 4), [])
-    return RenderedViews(torch.stack(pixels), torch.stack(boxes), crops)
+    views = [p.views for p in plan_list]
+    n = len(views[0])
+    if any(len(v) != n for v in views):
+        raise ValueError(f"plans have {sorted({len(v) for v in views})} views: render plans with the same n_views "
+                         f"together (they are stacked into one (N, n, 3, S, S) tensor)")
+
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers={workers} must be >= 1 (1 renders in a plain loop)")
+
+    # Crop boxes of all (region, view) pairs, flat; each distinct one is rendered once, in first-seen order.
+    keys = [tuple(int(c) for c in v.crop_box) for row in views for v in row]
+    index: dict[tuple[int, int, int, int], int] = {}
+    for key in keys:
+        index.setdefault(key, len(index))
+    distinct = list(index)
+
+    # Worker threads only crop and resize (PIL releases the GIL there) into one uint8 buffer; torch's own
+    # intra-op threads would multiply with ours, so the float conversion runs once, batched, below.
+    pixels = np.empty((len(distinct), size, size, 3), dtype=np.uint8)
+
+    def render(k: int) -> Image.Image:
+        crop = TF.resize(pil.crop(distinct[k]), [size, size], interpolation=InterpolationMode.BICUBIC)
+        pixels[k] = np.asarray(crop)
+        return crop
+
+    n_workers = min(MAX_WORKERS, os.cpu_count() or 1) if workers is None else workers
+    if min(n_workers, len(distinct)) <= 1 or len(distinct) < MIN_CROPS_FOR_THREADS:
+        rendered = [render(k) for k in range(len(distinct))]
+    else:
+        with ThreadPoolExecutor(min(n_workers, len(distinct)), thread_name_prefix="render_views") as pool:
+            rendered = list(pool.map(render, range(len(distinct))))  # map keeps index order: deterministic
+
+    # The reference's to_image -> to_dtype(scale) -> normalize, on all crops at once: every op is elementwise
+    # per (channel, byte value), so batching them changes no value.
+    x = torch.from_numpy(pixels)
+    if len(distinct) < len(keys):
+        x = x[torch.tensor([index[key] for key in keys])]
+    x = TF.to_dtype(x.permute(0, 3, 1, 2).contiguous(), torch.float32, scale=True)
+    pixel_values = TF.normalize(x, list(CLIP_MEAN), list(CLIP_STD), inplace=True)
+
+    flat_crops = [rendered[index[key]] for key in keys]
+    crops = [flat_crops[i * n:(i + 1) * n] for i in range(len(plan_list))]
+    boxes = torch.from_numpy(np.stack([map_box_to_view(np.array(row[0].crop_box), np.array(v.crop_box), size,
+                                                       box_rounding) for row in views for v in row]))
+    return RenderedViews(pixel_values.view(len(plan_list), n, 3, size, size), boxes.view(len(plan_list), n, 4),
+                         crops)
