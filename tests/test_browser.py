@@ -70,10 +70,22 @@ def test_draw_boxes_and_describe_them(example, tmp_path):
             page.mouse.move(frame["x"] + box[2] * sx, frame["y"] + box[3] * sy, steps=12)
             page.mouse.up()
             # The views appear without running the model: the newest box is inspected, in original pixels.
-            wait_until(lambda: pick.input_value().startswith(f"Box {number}:"), what=f"box {number} to be inspected")
+            # The annotator also reports the box while it is being dragged, so the first answer may show a part of
+            # it; Gradio runs the last change once the pending one is done. Wait for that one.
+            def inspected() -> list[float]:
+                text = pick.input_value()
+                if not text.startswith(f"Box {number}:"):
+                    return []
+                return [float(v) for v in re.findall(r"[\d.]+", text.split(":", 1)[1])]
+
+            def final_box_shown() -> bool:  # within a display pixel of the original box
+                return inspected() == pytest.approx(box, abs=SCALE + 1)
+
+            try:
+                wait_until(final_box_shown, timeout=30, what=f"box {number} to be inspected")
+            except TimeoutError:
+                raise AssertionError(f"box {number}: the page shows {inspected()}, drawn {box}") from None
             wait_until(lambda: candidates.count() == 11, what="11 view tiles (t=0 and ten candidates)")
-            drawn = [float(v) for v in re.findall(r"[\d.]+", pick.input_value().split(":", 1)[1])]
-            assert drawn == pytest.approx(box, abs=SCALE + 1), drawn  # within a display pixel of the original box
 
         page.locator("#phrases textarea").fill(phrases)
         page.locator("#describe").click()
