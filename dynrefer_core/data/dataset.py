@@ -1,0 +1,127 @@
+"""One loader for the release's annotation format (§5.3): training samples per region, eval batches per image.
+
+Training (spec §1.3): view 0 (t = 0) plus n-1 candidates drawn at random (`plan_views(strategy="random")`),
+seeded by (seed, epoch, region index) so a run is reproducible and resumable.
+Evaluation: the planner's views (`strategy="phash"` by default, or "fixed"/"random" for ablations).
+`collate_regions` stacks samples into the model's forward inputs.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import Dataset
+
+from ..views import load_image, plan_views_batch, render_views
+from .annotations import Region, RegionAnnotations
+
+
+def tag_target(tags: Sequence[str], vocabulary: dict[str, int]) -> torch.Tensor:
+    """Multi-hot (V,) over the model's tag vocabulary; tags outside it are dropped (as the release does
+    with strings missing from the RAM list)."""
+    y = torch.zeros(len(vocabulary))
+    for t in tags:
+        i = vocabulary.get(t)
+        if i is not None:
+            y[i] = 1.0
+    return y
+
+
+@dataclass
+class RegionBatch:
+    """A batch of regions: the model's forward inputs plus the labels the metrics need."""
+
+    pixel_values: torch.Tensor  # (N, n, 3, S, S)
+    boxes: torch.Tensor  # (N, n, 4)
+    captions: list[str]
+    tag_targets: torch.Tensor  # (N, V_tag)
+    regions: list[Region] = field(default_factory=list)
+    selected_ts: list[list[float]] = field(default_factory=list)
+
+    def model_inputs(self) -> dict:
+        return {"pixel_values": self.pixel_values, "boxes": self.boxes, "captions": self.captions,
+                "tag_targets": self.tag_targets}
+
+    def to(self, device: torch.device) -> "RegionBatch":
+        return RegionBatch(self.pixel_values.to(device), self.boxes.to(device), self.captions,
+                           self.tag_targets.to(device), self.regions, self.selected_ts)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+@dataclass
+class RegionSample:
+    pixel_values: torch.Tensor  # (n, 3, S, S)
+    boxes: torch.Tensor  # (n, 4)
+    caption: str
+    tag_target: torch.Tensor
+    region: Region
+    selected_ts: list[float]
+
+
+def collate_regions(samples: Sequence[RegionSample]) -> RegionBatch:
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    return RegionBatch(torch.stack([s.pixel_values for s in samples]), torch.stack([s.boxes for s in samples]),
+                       [s.caption for s in samples], torch.stack([s.tag_target for s in samples]),
+                       [s.region for s in samples], [s.selected_ts for s in samples])
+
+
+class RegionDataset(Dataset):
+    """One sample per region: its n views rendered at `image_size`, its caption and tag target.
+
+    `strategy="random"` is the training sampler; call `set_epoch(e)` each epoch for fresh, reproducible
+    views. Other strategies ("phash", "fixed" with `ts`) give the evaluation views.
+    """
+
+    def __init__(self, annotations: RegionAnnotations, tag_vocabulary: Sequence[str], *, image_size: int,
+                 n_views: int, strategy: str = "random", ts: Sequence[float] | None = None, alpha: float = 1.0,
+                 seed: int = 0) -> None:
+        if not annotations.regions:
+            raise ValueError("the annotation file (or split) has no regions")
+        self.ann = annotations
+        self.regions = annotations.regions
+        self.vocab = {t: i for i, t in enumerate(tag_vocabulary)}
+        self.image_size, self.n_views, self.strategy = image_size, n_views, strategy
+        self.ts, self.alpha, self.seed, self.epoch = ts, alpha, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __getitem__(self, index: int) -> RegionSample:
+        r = self.regions[index]
+        record = self.ann.images[r.image_id]
+        image = load_image(record.path)
+        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index if self.strategy == "random" else None
+        plan = plan_views_batch(image, [r.box], self.n_views, self.strategy, ts=self.ts, alpha=self.alpha,
+                                seed=seed)[0]
+        views = render_views(image, plan, self.image_size)
+        return RegionSample(views.pixel_values[0], views.boxes[0], r.caption, tag_target(r.tags, self.vocab), r,
+                            list(plan.selected_ts))
+
+
+def iter_image_batches(annotations: RegionAnnotations, tag_vocabulary: Sequence[str], *, image_size: int,
+                       n_views: int, strategy: str = "phash", ts: Sequence[float] | None = None,
+                       alpha: float = 1.0, seed: int = 0, max_regions: int = 64) -> Iterator[RegionBatch]:
+    """Evaluation batches: all regions of an image are planned together (the image is hashed once), and
+    consecutive images are packed into batches of at most `max_regions` regions."""
+    vocab = {t: i for i, t in enumerate(tag_vocabulary)}
+    pending: list[RegionSample] = []
+    for k, (image_id, regions) in enumerate(annotations.by_image().items()):
+        image = load_image(annotations.images[image_id].path)
+        plans = plan_views_batch(image, [r.box for r in regions], n_views, strategy, ts=ts, alpha=alpha,
+                                 seed=seed + k if strategy == "random" else None)
+        views = render_views(image, plans, image_size)
+        for i, (r, p) in enumerate(zip(regions, plans)):
+            pending.append(RegionSample(views.pixel_values[i], views.boxes[i], r.caption, tag_target(r.tags, vocab),
+                                        r, list(p.selected_ts)))
+        while len(pending) >= max_regions:
+            yield collate_regions(pending[:max_regions])
+            pending = pending[max_regions:]
+    if pending:
+        yield collate_regions(pending)

@@ -1,0 +1,490 @@
+"""Train DynRefer on region annotations (spec §5): one command, one YAML file.
+
+    python -m dynrefer_core.train --config configs/mini.yaml [--resume] [--set train.max_steps=100 ...]
+    torchrun --nproc_per_node 2 -m dynrefer_core.train --config configs/mini.yaml   # DDP (gloo on CPU)
+
+Loss L = L_caption + 0.01 ASL_sum + 0.5 L_rtc (the model's forward). AdamW with weight decay on >= 2-D
+weights only (spec §5.2); the learning rate warms up linearly from `warmup_start_lr` (the release's
+warm-up starts at the peak, i.e. does nothing) and then follows a per-step cosine to `min_lr`. Gradients
+are clipped; CUDA runs in bf16 autocast. Every `eval_every` steps the val split is evaluated (model
+selection never looks at test). `out_dir` holds the model (`save_pretrained`), `trainer_state.pt` for
+`--resume`, and `train_log.txt`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from .data.annotations import RegionAnnotations, load_annotations
+from .data.dataset import RegionDataset, collate_regions
+from .runtime import choose_device, choose_dtype
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "out_dir": "runs/dynrefer",
+    "data": {"annotations": None, "generate": None, "tag_list": None, "image_root": None,
+             "train_split": "train", "val_split": "val", "num_workers": 0},
+    "model": {"preset": "mini", "overrides": {}, "tokenizer_vocab_size": None},
+    "train": {"max_steps": 1000, "batch_size": 32, "lr": 1e-4, "min_lr": 0.0, "warmup_steps": 100,
+              "warmup_start_lr": 0.0, "weight_decay": 0.05, "betas": [0.9, 0.999], "grad_clip": 1.0,
+              "threads": None, "log_every": 10, "eval_every": 500, "save_every": 500, "val_regions": 256,
+              "val_meteor": False, "calibrate_tag_threshold": False, "dtype": None, "device": None},
+}
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, sets: list[str] = ()) -> dict:
+    """The YAML file on top of DEFAULTS, then `--set a.b=value` overrides (values parsed as YAML)."""
+    user = yaml.safe_load(Path(path).read_text()) if path else {}
+    cfg = _merge(DEFAULTS, user or {})
+    for s in sets:
+        if "=" not in s:
+            raise ValueError(f"--set {s!r} must look like section.key=value")
+        key, value = s.split("=", 1)
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    unknown = [f"{sec}.{k}" for sec in ("data", "model", "train") for k in cfg[sec] if k not in DEFAULTS[sec]]
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known: "
+                         + ", ".join(f"{s}.{k}" for s in ("data", "model", "train") for k in DEFAULTS[s]))
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, warmup_start_lr: float,
+          max_steps: int) -> float:
+    """Linear warm-up from warmup_start_lr to lr over warmup_steps, then cosine from lr to min_lr."""
+    if step < warmup_steps:
+        return warmup_start_lr + (lr - warmup_start_lr) * step / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Spec §5.2: decay on >= 2-D weights; none on biases, 1-D parameters and names with "ln"/"bn"."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(".bias") or "ln" in name or "bn" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded permutation per epoch, split over ranks, able to skip the batches a resumed run already saw."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        per_rank = self.n // self.world  # drop the tail so every rank takes the same number of steps
+        return perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self):
+        return iter(self._indices()[self.skip:])
+
+    def __len__(self) -> int:
+        return self.n // self.world - self.skip
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def attribute_lines(names: list[str]) -> list[str]:
+    """OVAD-style attribute lines for plain attribute names: colours as "has color:red" (prompt "the red
+    color"), anything else as "is <kind>:<name>" (prompt "the striped")."""
+    from .data import scenes
+
+    kinds = {**{c: "has color" for c in scenes.COLOURS}, **{p: "is pattern" for p in scenes.PATTERNS},
+             **{s: "is size" for s in scenes.SIZES}}
+    return [f"{kinds.get(n, 'is attribute')}:{n}" for n in names]
+
+
+def sincos_position_embedding(grid: int, dim: int) -> torch.Tensor:
+    """(1 + grid*grid, dim) fixed 2-D sine-cosine position table (MAE style; zeros for the CLS slot)."""
+    if dim % 4:
+        raise ValueError(f"vision width {dim} must be divisible by 4 for a 2-D sin-cos position table")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    table = torch.cat(parts, dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+
+
+def init_from_scratch(module: torch.nn.Module, grid: int, std: float = 0.02) -> None:
+    """ViT-style initialisation for training a vision tower from scratch.
+
+    BLIP-2's vision config uses initializer_range=1e-10 (it always loads pretrained weights), which leaves a
+    fresh ViT constant. And a learned position table initialised at std 0.02 stays ~50x weaker than the
+    patch features, so the tokens reach the Q-Former as a bag of patches: colour and texture are learned but
+    shape, size and relations never are. The table therefore starts as a 2-D sin-cos table (still trained).
+    """
+    for name, p in module.named_parameters():
+        if "position_embedding" in name:
+            with torch.no_grad():
+                p.copy_(sincos_position_embedding(grid, p.shape[-1]).reshape(p.shape))
+        elif p.ndim >= 2 or "embedding" in name:
+            torch.nn.init.trunc_normal_(p, std=std)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+
+
+def build_model(cfg: dict, train_ann: RegionAnnotations):
+    """A fresh model from the preset, with a tokenizer and vocabulary built from the training data."""
+    from .config import DynReferConfig
+    from .modeling.dynrefer import DynRefer
+    from .modeling.tokenization import build_word_tokenizer
+    from .vocab import Vocabulary
+
+    mcfg = cfg["model"]
+    preset = getattr(DynReferConfig, mcfg["preset"], None)
+    if preset is None:
+        raise ValueError(f"model.preset {mcfg['preset']!r} is not a DynReferConfig preset (mini, tiny, ...)")
+    config = DynReferConfig.from_dict(_merge(preset().to_dict(), mcfg["overrides"]))
+    default = Vocabulary.default()
+    tags = list(train_ann.tag_list) or sorted({t for r in train_ann.regions for t in r.tags})
+    vocabulary = Vocabulary(tags=tags, classes=list(train_ann.categories) or default.classes,
+                            attributes=attribute_lines(list(train_ann.attributes)) if train_ann.attributes
+                            else default.attributes)
+    texts = [r.caption for r in train_ann.regions] + vocabulary.words()
+    vocab_size = mcfg["tokenizer_vocab_size"] or config.language.vocab_size
+    tokenizer = build_word_tokenizer(texts, vocab_size=vocab_size)
+    model = DynRefer(config, tokenizer=tokenizer, vocabulary=vocabulary)
+    if not config.freeze_vision:
+        init_from_scratch(model.vision, config.grid_size)
+    if not config.freeze_language:
+        # HF's T5 initialises an untied lm_head with std 1, so a from-scratch T5 starts with logits of
+        # std ~sqrt(d_model) (caption loss ~60 instead of ~ln V); std d_model^-0.5 starts it near uniform.
+        torch.nn.init.normal_(model.language.t5.lm_head.weight, std=config.lm_hidden ** -0.5)
+    return model
+
+
+class CachedTextEncode:
+    """Memoise the frozen text encoder per text: training captions form a finite set, so each is embedded
+    once instead of every time its region is sampled (the encoder is frozen, so nothing changes)."""
+
+    def __init__(self, encode) -> None:
+        self.encode = encode
+        self.table: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts) -> torch.Tensor:
+        texts = list(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self.table]
+        if missing:
+            self.table.update(zip(missing, self.encode(missing)))
+        if not texts:
+            return self.encode(texts)
+        return torch.stack([self.table[t] for t in texts])
+
+
+@torch.no_grad()
+def calibrate_tag_threshold(model, val_ann: RegionAnnotations, max_regions: int) -> tuple[float, float]:
+    """The global D_tag threshold with the best tag F1 on val regions (model selection on val only)."""
+    from . import metrics
+    from .data.dataset import iter_image_batches
+
+    model.eval()
+    names = list(model.vocabulary.tags)
+    regions = val_ann.regions[:max_regions]
+    ann = RegionAnnotations(val_ann.images, regions, val_ann.tag_list, val_ann.categories, val_ann.attributes)
+    probs, truth = [], []
+    for batch in iter_image_batches(ann, names, image_size=model.config.image_size, n_views=model.config.n_views):
+        with model.autocast():
+            probs.append(model.tag_scores(model.encode_regions(batch.pixel_values, batch.boxes)).float().cpu())
+        truth += [set(r.tags) for r in batch.regions]
+    p = torch.cat(probs)
+    best = (-1.0, model.config.tag_threshold)
+    for thr in [round(0.05 * k, 2) for k in range(2, 20)]:
+        pred = [{names[j] for j in torch.nonzero(row > thr).flatten().tolist()} for row in p]
+        best = max(best, (metrics.tag_prf(pred, truth).f1, thr))
+    model.train()
+    return best[1], best[0]
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_hint: str | None) -> Dist:
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() and device_hint != "cpu" else "gloo"
+    dist.init_process_group(backend)
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if backend == "nccl":
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+class Logger:
+    """Lines to stdout (through tqdm) and to out_dir/train_log.txt (rank 0 only)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        tqdm.write(line)
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+
+def prepare_data(cfg: dict, main: bool) -> Path:
+    """The annotation file; generated first (rank 0) when the config says how and it does not exist."""
+    d = cfg["data"]
+    if not d["annotations"]:
+        raise ValueError("data.annotations is not set: give the COCO-style annotation file to train on")
+    path = Path(d["annotations"])
+    if not path.exists():
+        gen = d.get("generate")
+        if not gen:
+            raise ValueError(f"data.annotations {path} does not exist and data.generate is not set")
+        if main:
+            from .data.generate import generate
+
+            generate(int(gen["seed"]), int(gen["num_images"]), path.parent, gen.get("split", "all"),
+                     int(gen.get("workers", 1)))
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def save_state(out: Path, model, optimizer, step: int, epoch: int, batch_in_epoch: int, cfg: dict) -> None:
+    model.save_pretrained(out)
+    state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+             "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+             "config": cfg}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = out / "trainer_state.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(out / "trainer_state.pt")
+    (out / "train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Run the training described by `cfg`; returns the last logged metrics (rank 0).
+
+    `stop_after`: save the state and return after that many steps (as if the run were interrupted).
+    """
+    from .evaluate import evaluate_model
+    from .modeling.dynrefer import DynRefer
+
+    t = cfg["train"]
+    dd = init_distributed(t["device"])
+    if t["threads"]:
+        torch.set_num_threads(int(t["threads"]))
+    device = choose_device(t["device"] if dd.world == 1 or t["device"] == "cpu" else
+                           (f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"))
+    dtype = choose_dtype(device, t["dtype"])
+    out = Path(cfg["out_dir"])
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = Logger(out / "train_log.txt" if dd.main else None)
+    seed = int(cfg["seed"])
+    seed_everything(seed + dd.rank)
+
+    ann_path = prepare_data(cfg, dd.main)
+    d = cfg["data"]
+    ann = load_annotations(ann_path, tag_list=d["tag_list"], image_root=d["image_root"])
+    train_ann = ann.split(d["train_split"])
+    val_ann = ann.split(d["val_split"]) if d["val_split"] else None
+
+    state = None
+    if resume and (out / "trainer_state.pt").exists():
+        state = torch.load(out / "trainer_state.pt", map_location="cpu", weights_only=False)
+        model = DynRefer.from_pretrained(out, device=device)
+        log(f"resumed from {out} at step {state['step']}")
+    else:
+        if resume:
+            log(f"--resume: no trainer_state.pt in {out}, starting fresh")
+        seed_everything(seed)  # identical initial weights on every rank
+        model = build_model(cfg, train_ann)
+        seed_everything(seed + dd.rank)
+    model.place(device, dtype)
+    model.text_encoder.encode = CachedTextEncode(model.text_encoder.encode)
+    model.train()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    vocab = list(model.vocabulary.tags)
+    ds = RegionDataset(train_ann, vocab, image_size=model.config.image_size, n_views=model.config.n_views,
+                       strategy="random", seed=seed)
+    bs = int(t["batch_size"])
+    sampler = EpochSampler(len(ds), seed, dd.rank, dd.world)
+    steps_per_epoch = len(sampler) // bs
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(sampler)} training regions per process is less than one batch of {bs}")
+
+    optimizer = torch.optim.AdamW(param_groups(model, float(t["weight_decay"])), lr=float(t["lr"]),
+                                  betas=tuple(t["betas"]))
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    ddp = model
+    if dd.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dd.local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+    max_steps = int(t["max_steps"])
+    sched = dict(lr=float(t["lr"]), min_lr=float(t["min_lr"]), warmup_steps=int(t["warmup_steps"]),
+                 warmup_start_lr=float(t["warmup_start_lr"]), max_steps=max_steps)
+    if dd.main:
+        log(f"device {device} dtype {dtype} world {dd.world} | {len(train_ann.regions)} train regions "
+            f"({len(train_ann.images)} images), {len(val_ann.regions) if val_ann else 0} val regions | "
+            f"{n_train / 1e6:.2f} M trainable parameters | {max_steps} steps x {bs} regions x {dd.world} processes")
+        log("config " + json.dumps(cfg))
+    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not dd.main,
+               mininterval=1.0 if os.isatty(2) else 60.0)
+    last: dict = {}
+    running: dict[str, float] = {}
+    t0 = time.perf_counter()
+    while step < max_steps:
+        sampler.set_epoch(epoch, skip=batch_in_epoch * bs)
+        ds.set_epoch(epoch)
+        loader = DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=collate_regions, drop_last=True,
+                            num_workers=int(d["num_workers"]), persistent_workers=False,
+                            generator=torch.Generator().manual_seed(seed * 7919 + epoch))  # keeps global RNG
+        for batch in loader:
+            lr = lr_at(step, **sched)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batch = batch.to(device)
+            output = ddp(**batch.model_inputs())  # bf16 autocast inside on CUDA (model.place)
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(t["grad_clip"]))
+            optimizer.step()
+            step += 1
+            batch_in_epoch += 1
+            parts = {"loss": float(output.loss.detach()), **{k: float(v.detach()) for k, v in output.losses.items()}}
+            for k, v in parts.items():
+                running[k] = running.get(k, 0.0) + v
+            running["n"] = running.get("n", 0) + 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()} | {"lr": f"{lr:.2e}"}, refresh=False)
+            if dd.main and (step % int(t["log_every"]) == 0 or step == max_steps):
+                n = running.pop("n")
+                avg = {k: v / n for k, v in running.items()}
+                running = {}
+                el = time.perf_counter() - t0
+                log(f"step {step}/{max_steps} epoch {epoch} lr {lr:.3e} grad_norm {float(gnorm):.3f} "
+                    + " ".join(f"{k} {v:.4f}" for k, v in avg.items()) + f" | {el:.0f}s")
+                last = {"step": step, **avg}
+            if val_ann is not None and int(t["eval_every"]) > 0 and (step % int(t["eval_every"]) == 0
+                                                                     or step == max_steps):
+                if dd.main:
+                    res = evaluate_model(model, val_ann, max_regions=int(t["val_regions"]),
+                                         meteor=bool(t["val_meteor"]), progress=False)
+                    vals = {k: res.value(k) for k in ("recognition_top1", "tag_f1", "CIDEr", "METEOR",
+                                                      "relation_accuracy", "subject_accuracy")}
+                    log(f"val@{step} ({res.num_regions} regions, {res.seconds:.0f}s): "
+                        + " ".join(f"{k} {v:.4f}" for k, v in vals.items() if not math.isnan(v)))
+                    last.update({f"val_{k}": v for k, v in vals.items()})
+                    model.train()
+                if dist.is_initialized():
+                    dist.barrier()
+            stop = stop_after is not None and step >= stop_after
+            if step % int(t["save_every"]) == 0 or step == max_steps or stop:
+                if dd.main:
+                    save_state(out, model, optimizer, step, epoch, batch_in_epoch, cfg)
+                if dist.is_initialized():
+                    dist.barrier()
+            if step >= max_steps or stop:
+                break
+        else:
+            epoch += 1
+            batch_in_epoch = 0
+            continue
+        break
+    bar.close()
+    if dd.main and t["calibrate_tag_threshold"] and val_ann is not None and step >= max_steps:
+        thr, f1 = calibrate_tag_threshold(model, val_ann, int(t["val_regions"]) * 4)
+        log(f"tag threshold {model.config.tag_threshold} -> {thr} (val tag F1 {f1:.4f}); saved in config.json")
+        model.config.tag_threshold = thr
+        save_state(out, model, optimizer, step, epoch, batch_in_epoch, cfg)
+    if dd.main:
+        log(f"done: {step} steps in {time.perf_counter() - t0:.0f}s; model in {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return last
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML file (see configs/mini.yaml)")
+    ap.add_argument("--resume", action="store_true", help="continue from out_dir/trainer_state.pt")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config entry, e.g. --set train.max_steps=50 --set out_dir=/tmp/run")
+    args = ap.parse_args(argv)
+    train(load_config(args.config, args.sets), resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The annotation loader (release format and ours) and the region dataset / collate."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dynrefer_core.data.annotations import box_from_segmentation, load_annotations, normalize_caption
+from dynrefer_core.data.dataset import RegionDataset, collate_regions, iter_image_batches, tag_target
+from dynrefer_core.data.generate import generate
+from dynrefer_core.data.scenes import tag_vocabulary
+
+
+@pytest.fixture()
+def release_file(tmp_path):
+    """A tiny file laid out like the release's converted RefCOCOg: RAM indices, absolute image root."""
+    root = tmp_path / "coco" / "train2014"
+    root.mkdir(parents=True)
+    Image.fromarray(np.full((60, 80, 3), 128, np.uint8)).save(root / "COCO_1.jpg")
+    (tmp_path / "ram_tag_list.txt").write_text("person\nman\n\nshirt\nwhite\nskateboard\n")
+    data = {
+        "dataset": {"description": "refcocog", "image_root": str(root)},
+        "images": [{"id": 1, "file_name": "COCO_1.jpg", "width": 80, "height": 60}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "caption": "A Man in a white (shirt).", "bbox": [0, 0, 1, 1],
+             "segmentation": [[10, 5, 40, 5, 40, 50, 10, 50]],
+             "extra_info": {"parser_result": {"tag_set0": [], "tag_set1": [1, 3, 1], "tag_set2": [2, 3]}}},
+            {"id": 11, "image_id": 1, "caption": "skateboard", "bbox": [50, 30, 50, 45], "segmentation": [],
+             "extra_info": {"parser_result": {"tag_set1": [4], "tag_set2": []},
+                            "coco_result": {"category": "skateboard"},
+                            "ovad_result": {"att_vec": [1, -1, 0]}}},
+        ],
+    }
+    path = tmp_path / "refcocog_val.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_release_file_resolves_ram_indices_with_the_tag_list(release_file, tmp_path):
+    ann = load_annotations(release_file, tag_list=tmp_path / "ram_tag_list.txt")
+    r0, r1 = ann.regions
+    assert r0.box == (10.0, 5.0, 40.0, 50.0)  # from the polygon, not the bbox field (spec §1.1)
+    assert r0.caption == "a man in a white shirt"
+    assert r0.tags == ["man", "white", "shirt"]  # set1 + set2 with duplicates removed, in order
+    assert r1.box == (50.0, 30.0, 51.0, 45.0)  # empty polygon -> bbox, zero width widened to 1 px
+    assert r1.tags == ["skateboard"] and r1.category == "skateboard" and r1.att_vec == [1, -1, 0]
+    assert ann.images[1].path == tmp_path / "coco/train2014/COCO_1.jpg"
+    assert ann.split("test") is ann  # no split field: the whole file
+
+
+def test_release_file_without_tag_list_fails_clearly(release_file, tmp_path):
+    with pytest.raises(ValueError, match="no tag list was given"):
+        load_annotations(release_file)
+    (tmp_path / "short.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match="outside the tag list"):
+        load_annotations(release_file, tag_list=tmp_path / "short.txt")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_annotations(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="'annotations'"):
+        load_annotations(tmp_path / "bad.json")
+
+
+def test_helpers():
+    assert normalize_caption('The  "red" Star: left;  of~ it!') == "the red star left of it"
+    assert normalize_caption(" ".join(["w"] * 60)).count("w") == 50
+    assert box_from_segmentation([3, 4, 9, 4, 9, 4, 3, 4]) == (3.0, 4.0, 9.0, 5.0)
+    y = tag_target(["b", "zzz", "a"], {"a": 0, "b": 1, "c": 2})
+    assert y.tolist() == [1.0, 1.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def mini_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mini")
+    return load_annotations(generate(11, 10, out))
+
+
+def test_training_samples_random_views_are_seeded(mini_data):
+    train = mini_data.split("train")
+    ds = RegionDataset(train, tag_vocabulary(), image_size=56, n_views=3, strategy="random", seed=1)
+    s = ds[0]
+    assert s.pixel_values.shape == (3, 3, 56, 56) and s.boxes.shape == (3, 4)
+    assert s.boxes[0].tolist() == [0.0, 0.0, 56.0, 56.0]  # view 0 is the region itself
+    assert s.selected_ts[0] == 0.0 and len(set(s.selected_ts)) == 3
+    assert ds[0].selected_ts == s.selected_ts  # same epoch, same views
+    ds.set_epoch(1)
+    assert any(ds[i].selected_ts != RegionDataset(train, tag_vocabulary(), image_size=56, n_views=3,
+                                                  seed=1)[i].selected_ts for i in range(5))
+    assert s.tag_target.sum() == len(set(train.regions[0].tags))
+    b = collate_regions([ds[0], ds[1]])
+    assert b.pixel_values.shape == (2, 3, 3, 56, 56) and b.boxes.shape == (2, 3, 4)
+    assert b.tag_targets.shape == (2, len(tag_vocabulary()))
+    assert set(b.model_inputs()) == {"pixel_values", "boxes", "captions", "tag_targets"}
+
+
+def test_eval_batches_cover_every_region_once_with_planner_views(mini_data):
+    test = mini_data.split("test")
+    batches = list(iter_image_batches(test, tag_vocabulary(), image_size=28, n_views=2, max_regions=3))
+    ids = [r.id for b in batches for r in b.regions]
+    assert sorted(ids) == sorted(r.id for r in test.regions)
+    assert all(len(b) <= 3 for b in batches)
+    assert all(ts[0] == 0.0 and len(ts) == 2 for b in batches for ts in b.selected_ts)
+    fixed = next(iter_image_batches(test, tag_vocabulary(), image_size=28, n_views=3, strategy="fixed",
+                                    ts=[0.5, 1.0]))
+    assert fixed.selected_ts[0] == [0.0, 0.5, 1.0]
+    assert torch.equal(fixed.boxes[0, 2], torch.tensor([v * 28 / 384 for v in test.regions[0].box]))

@@ -1,0 +1,61 @@
+"""The evaluate command end to end on a tiny random model (numbers are low; the format is what is tested)."""
+import json
+import shutil
+
+import pytest
+
+from dynrefer_core import evaluate as E
+from dynrefer_core import train as T
+from dynrefer_core.data.annotations import load_annotations
+from dynrefer_core.data.generate import generate
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalcli")
+    ann_path = generate(41, 10, root / "data")
+    cfg = T.load_config(None, [])
+    cfg["model"]["preset"] = "tiny"
+    model = T.build_model(cfg, load_annotations(ann_path).split("train"))
+    model.save_pretrained(root / "ckpt")
+    return root / "ckpt", ann_path
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
+def test_evaluate_cli_writes_json_with_headline_metrics(tiny_ckpt, tmp_path, capsys):
+    ckpt, ann = tiny_ckpt
+    out = tmp_path / "eval.json"
+    E.main(["--checkpoint", str(ckpt), "--annotations", str(ann), "--split", "test", "--out", str(out),
+            "--save-predictions", "--threads", "1"])
+    res = json.loads(out.read_text())
+    n_test = len(load_annotations(ann).split("test").regions)
+    assert res["num_regions"] == n_test
+    for key in ("recognition_top1", "tag_f1", "METEOR", "BLEU-4", "ROUGE-L", "attribute_mAP", "relation_accuracy"):
+        assert 0.0 <= res[key] <= 1.0, key
+    assert res["CIDEr"] >= 0.0
+    assert res["settings"]["strategy"] == "phash" and res["settings"]["split"] == "test"
+    assert len(res["predictions"]) == n_test
+    p = res["predictions"][0]
+    assert p["views"][0] == 0.0 and len(p["views"]) == 3 and isinstance(p["caption"], str)
+    assert "| recognition_top1 |" in res["table"] and "| recognition_top1 |" in capsys.readouterr().out
+
+
+def test_evaluate_ablation_settings_without_meteor(tiny_ckpt, tmp_path):
+    ckpt, ann = tiny_ckpt
+    for args in (["--n-views", "1"], ["--strategy", "fixed", "--ts", "0.3", "0.8"], ["--strategy", "random"]):
+        out = tmp_path / "e.json"
+        E.main(["--checkpoint", str(ckpt), "--annotations", str(ann), "--out", str(out), "--no-meteor",
+                "--save-predictions", "--max-regions", "6", *args])
+        res = json.loads(out.read_text())
+        assert res["num_regions"] == 6 and res["METEOR"] is None
+        views = {len(p["views"]) for p in res["predictions"]}
+        if "--n-views" in args:
+            assert views == {1}
+        if "fixed" in args:
+            assert all(p["views"] == [0.0, 0.3, 0.8] for p in res["predictions"])
+
+
+def test_evaluate_rejects_fixed_without_ts(tiny_ckpt):
+    ckpt, ann = tiny_ckpt
+    with pytest.raises(SystemExit):
+        E.main(["--checkpoint", str(ckpt), "--annotations", str(ann), "--strategy", "fixed"])

@@ -1,0 +1,116 @@
+"""Training: schedule, parameter groups, a few real steps of the tiny config, reproducibility and resume."""
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dynrefer_core import train as T
+from dynrefer_core.data.generate import generate
+
+
+def test_warmup_really_warms_up_then_cosine():
+    kw = dict(lr=1e-3, min_lr=1e-5, warmup_steps=10, warmup_start_lr=0.0, max_steps=110)
+    assert T.lr_at(0, **kw) == 0.0  # starts at warmup_start_lr, not at the peak (the release's no-op)
+    assert T.lr_at(5, **kw) == pytest.approx(5e-4)
+    assert T.lr_at(10, **kw) == pytest.approx(1e-3)
+    assert T.lr_at(60, **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # half-way down the cosine
+    assert T.lr_at(110, **kw) == pytest.approx(1e-5)
+    lrs = [T.lr_at(s, **kw) for s in range(111)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_weight_decay_groups_follow_the_release():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4)
+            self.ln_final = torch.nn.LayerNorm(4)
+            self.query = torch.nn.Parameter(torch.zeros(1, 2, 4))
+            self.scale = torch.nn.Parameter(torch.zeros(()))
+            self.frozen = torch.nn.Linear(2, 2)
+            self.frozen.requires_grad_(False)
+
+    m = M()
+    decay, no_decay = T.param_groups(m, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+    assert ids(decay) == {id(m.fc.weight), id(m.query)}
+    assert ids(no_decay) == {id(m.fc.bias), id(m.ln_final.weight), id(m.ln_final.bias), id(m.scale)}
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"train": {"lr": 0.1}}))
+    cfg = T.load_config(p, ["train.max_steps=7", "model.overrides={n_views: 2}"])
+    assert cfg["train"]["lr"] == 0.1 and cfg["train"]["max_steps"] == 7 and cfg["model"]["overrides"] == {"n_views": 2}
+    assert cfg["train"]["batch_size"] == T.DEFAULTS["train"]["batch_size"]
+    with pytest.raises(ValueError, match="unknown config keys"):
+        T.load_config(p, ["train.lrate=1"])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tinydata")
+    generate(21, 10, out)
+    return out / "annotations.json"
+
+
+def tiny_cfg(data, out, **train):
+    cfg = T.load_config(None, [])
+    cfg["out_dir"] = str(out)
+    cfg["data"]["annotations"] = str(data)
+    cfg["model"]["preset"] = "tiny"
+    cfg["train"].update(dict(max_steps=4, batch_size=4, lr=1e-3, warmup_steps=2, log_every=1, eval_every=4,
+                             save_every=2, val_regions=4, threads=1), **train)
+    return cfg
+
+
+def _log_losses(out):
+    lines = (out / "train_log.txt").read_text().splitlines()
+    return [ln.split(" | ")[0].split("grad_norm")[1] for ln in lines if "grad_norm" in ln]
+
+
+def test_tiny_training_runs_logs_saves_and_reproduces(tiny_data, tmp_path):
+    last = T.train(tiny_cfg(tiny_data, tmp_path / "a", calibrate_tag_threshold=True))
+    out = tmp_path / "a"
+    assert (out / "trainer_state.pt").is_file() and (out / "train_config.yaml").is_file()
+    log = (out / "train_log.txt").read_text()
+    assert "step 4/4" in log and "val@4" in log and "caption" in log and "rtc" in log
+    assert math.isfinite(last["loss"]) and "val_tag_f1" in last
+    thr = json.loads((out / "config.json").read_text())["tag_threshold"]
+    assert f"-> {thr} (val tag F1" in log and 0.1 <= thr <= 0.95
+    T.train(tiny_cfg(tiny_data, tmp_path / "b", calibrate_tag_threshold=True))
+    assert _log_losses(out) == _log_losses(tmp_path / "b")  # same seed, same numbers
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    T.train(tiny_cfg(tiny_data, tmp_path / "full", eval_every=0))
+    # the same 4-step run, interrupted after step 2 (state saved there), then resumed
+    T.train(tiny_cfg(tiny_data, tmp_path / "half", eval_every=0), stop_after=2)
+    assert torch.load(tmp_path / "half" / "trainer_state.pt", weights_only=False)["step"] == 2
+    T.train(tiny_cfg(tiny_data, tmp_path / "half", eval_every=0), resume=True)
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "half" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert "resumed from" in (tmp_path / "half" / "train_log.txt").read_text()
+    assert _log_losses(tmp_path / "full")[2:] == _log_losses(tmp_path / "half")[2:]
+
+
+def test_cached_text_encode_embeds_each_text_once():
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return torch.tensor([[float(len(t))] for t in texts])
+
+    c = T.CachedTextEncode(encode)
+    assert c(["ab", "c", "ab"]).flatten().tolist() == [2.0, 1.0, 2.0]
+    assert c(["c", "dddd"]).flatten().tolist() == [1.0, 4.0]
+    assert calls == [["ab", "c"], ["dddd"]]
