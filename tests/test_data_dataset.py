@@ -105,3 +105,21 @@ def test_eval_batches_cover_every_region_once_with_planner_views(mini_data):
                                     ts=[0.5, 1.0]))
     assert fixed.selected_ts[0] == [0.0, 0.5, 1.0]
     assert torch.equal(fixed.boxes[0, 2], torch.tensor([v * 28 / 384 for v in test.regions[0].box]))
+
+
+def test_class_prompts_replace_some_region_texts(mini_data):
+    train = mini_data.split("train")
+    plain = RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, seed=1)
+    assert plain[0].rtc_text is None
+    assert "rtc_texts" not in collate_regions([plain[0], plain[1]]).model_inputs()
+    ds = RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, seed=1, class_prompt_ratio=0.5)
+    samples = [ds[i] for i in range(min(len(ds), 40))]
+    is_prompt = [s.rtc_text == f"the {s.region.category}" for s in samples]
+    assert 0 < sum(is_prompt) < len(samples)
+    assert all(s.rtc_text == s.caption for s, p in zip(samples, is_prompt) if not p)
+    assert [ds[i].rtc_text for i in range(10)] == [s.rtc_text for s in samples[:10]]  # seeded
+    batch = collate_regions(samples[:4])
+    assert batch.model_inputs()["rtc_texts"] == [s.rtc_text for s in samples[:4]]
+    assert batch.to(torch.device("cpu")).rtc_texts == batch.rtc_texts
+    with pytest.raises(ValueError, match="class_prompt_ratio"):
+        RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, class_prompt_ratio=1.5)

@@ -163,3 +163,53 @@ def test_identical_captions_can_count_as_matches():
     merged = model(pixel_values, boxes, captions, tags, controls=["|", "|"]).losses["rtc"]
     # Off-diagonal pairs flip from negative to positive labels; with b = -10 that raises the loss.
     assert merged.item() > plain.item() + 1.0
+
+
+def test_region_text_loss_can_match_other_texts_than_the_captions(model):
+    pixel_values, boxes, captions, tags = batch(model, 2)
+    controls = ["|", "|"]
+    plain = model(pixel_values, boxes, captions, tags, controls=controls)
+    same = model(pixel_values, boxes, captions, tags, controls=controls, rtc_texts=captions)
+    prompts = model(pixel_values, boxes, captions, tags, controls=controls, rtc_texts=["the man", "the car"])
+    assert torch.equal(plain.losses["rtc"], same.losses["rtc"])
+    assert not torch.equal(plain.losses["rtc"], prompts.losses["rtc"])
+    assert torch.equal(plain.losses["caption"], prompts.losses["caption"])  # captions still train the LM
+    with pytest.raises(ValueError, match="1 region-text texts for 2 regions"):
+        model(pixel_values, boxes, captions, tags, controls=controls, rtc_texts=["the man"])
+
+
+def test_tag_focusing_exponent_is_configurable():
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = DynRefer(DynReferConfig.tiny()).eval()
+    pixel_values, boxes, captions, tags = batch(model, 2)
+    release = model(pixel_values, boxes, captions, tags, controls=["|", "|"]).losses["tag"]
+    model.config = dataclasses.replace(model.config, tag_gamma_neg=1.0)
+    softer = model(pixel_values, boxes, captions, tags, controls=["|", "|"]).losses["tag"]
+    # Random logits put most negatives near p = 0.5: (p_m)^1 mutes them far less than (p_m)^7.
+    assert softer.item() > 5 * release.item()
+
+
+def test_fusion_position_table_makes_token_order_visible():
+    from dynrefer_core.modeling.fusion import ViewFusion
+    from dynrefer_core.modeling.vision import sincos_position_embedding
+
+    torch.manual_seed(0)
+    grid, c = 4, 16
+    cls, maps = torch.randn(2, 3, c), torch.randn(2, 3, c, grid, grid)
+    shuffled = maps.flatten(3)[..., torch.randperm(grid * grid)].reshape(maps.shape)
+    plain, placed = ViewFusion(c, 3), ViewFusion(c, 3, grid, position_embedding=True)
+    placed.mlp.load_state_dict(plain.mlp.state_dict())
+    assert placed.position_embedding.shape == (1 + grid * grid, c)
+    assert torch.equal(placed.position_embedding.data, sincos_position_embedding(grid, c))
+    added = placed(cls, maps) - plain(cls, maps)
+    assert torch.allclose(added, placed.position_embedding.detach().expand(2, -1, -1), atol=1e-6)
+    # Without the table the token set is the same after shuffling the map; with it, it is not.
+    same_set = lambda a, b: torch.allclose(a.sort(dim=1).values, b.sort(dim=1).values, atol=1e-6)  # noqa: E731
+    assert same_set(plain(cls, maps), plain(cls, shuffled))
+    assert not same_set(placed(cls, maps), placed(cls, shuffled))
+    assert DynRefer(DynReferConfig.mini()).fusion.position_embedding is not None
+    assert DynReferConfig.official_flant5xl().fusion_position_embedding is False  # the release has none
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_embedding(4, 10)

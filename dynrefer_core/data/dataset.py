@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import random
+
 import torch
 from torch.utils.data import Dataset
 
@@ -38,14 +40,18 @@ class RegionBatch:
     tag_targets: torch.Tensor  # (N, V_tag)
     regions: list[Region] = field(default_factory=list)
     selected_ts: list[list[float]] = field(default_factory=list)
+    rtc_texts: list[str] | None = None  # what the region-text loss matches; None: the captions
 
     def model_inputs(self) -> dict:
-        return {"pixel_values": self.pixel_values, "boxes": self.boxes, "captions": self.captions,
-                "tag_targets": self.tag_targets}
+        inputs = {"pixel_values": self.pixel_values, "boxes": self.boxes, "captions": self.captions,
+                  "tag_targets": self.tag_targets}
+        if self.rtc_texts is not None:
+            inputs["rtc_texts"] = self.rtc_texts
+        return inputs
 
     def to(self, device: torch.device) -> "RegionBatch":
         return RegionBatch(self.pixel_values.to(device), self.boxes.to(device), self.captions,
-                           self.tag_targets.to(device), self.regions, self.selected_ts)
+                           self.tag_targets.to(device), self.regions, self.selected_ts, self.rtc_texts)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -59,14 +65,18 @@ class RegionSample:
     tag_target: torch.Tensor
     region: Region
     selected_ts: list[float]
+    rtc_text: str | None = None
 
 
 def collate_regions(samples: Sequence[RegionSample]) -> RegionBatch:
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
+    rtc_texts = None
+    if any(s.rtc_text is not None for s in samples):
+        rtc_texts = [s.caption if s.rtc_text is None else s.rtc_text for s in samples]
     return RegionBatch(torch.stack([s.pixel_values for s in samples]), torch.stack([s.boxes for s in samples]),
                        [s.caption for s in samples], torch.stack([s.tag_target for s in samples]),
-                       [s.region for s in samples], [s.selected_ts for s in samples])
+                       [s.region for s in samples], [s.selected_ts for s in samples], rtc_texts)
 
 
 class RegionDataset(Dataset):
@@ -74,11 +84,16 @@ class RegionDataset(Dataset):
 
     `strategy="random"` is the training sampler; call `set_epoch(e)` each epoch for fresh, reproducible
     views. Other strategies ("phash", "fixed" with `ts`) give the evaluation views.
+
+    `class_prompt_ratio`: the fraction of regions (with a category) whose region-text loss matches the class
+    prompt "the {category}" instead of the caption. Region texts in Visual Genome are mostly such short
+    phrases; a generated caption always names a neighbour too, so without them the contrastive decoder never
+    learns which object a bare class name refers to (the open-vocabulary recognition prompt).
     """
 
     def __init__(self, annotations: RegionAnnotations, tag_vocabulary: Sequence[str], *, image_size: int,
                  n_views: int, strategy: str = "random", ts: Sequence[float] | None = None, alpha: float = 1.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, class_prompt_ratio: float = 0.0) -> None:
         if not annotations.regions:
             raise ValueError("the annotation file (or split) has no regions")
         self.ann = annotations
@@ -86,6 +101,9 @@ class RegionDataset(Dataset):
         self.vocab = {t: i for i, t in enumerate(tag_vocabulary)}
         self.image_size, self.n_views, self.strategy = image_size, n_views, strategy
         self.ts, self.alpha, self.seed, self.epoch = ts, alpha, seed, 0
+        if not 0.0 <= class_prompt_ratio <= 1.0:
+            raise ValueError(f"class_prompt_ratio must lie in [0, 1], got {class_prompt_ratio}")
+        self.class_prompt_ratio = class_prompt_ratio
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -101,8 +119,12 @@ class RegionDataset(Dataset):
         plan = plan_views_batch(image, [r.box], self.n_views, self.strategy, ts=self.ts, alpha=self.alpha,
                                 seed=seed)[0]
         views = render_views(image, plan, self.image_size)
+        rtc_text = None
+        if self.class_prompt_ratio > 0 and r.category:
+            pick = random.Random((self.seed * 7_368_787 + self.epoch) * 1_000_033 + index).random()
+            rtc_text = f"the {r.category.lower()}" if pick < self.class_prompt_ratio else r.caption
         return RegionSample(views.pixel_values[0], views.boxes[0], r.caption, tag_target(r.tags, self.vocab), r,
-                            list(plan.selected_ts))
+                            list(plan.selected_ts), rtc_text)
 
 
 def iter_image_batches(annotations: RegionAnnotations, tag_vocabulary: Sequence[str], *, image_size: int,

@@ -66,7 +66,7 @@ class DynRefer(nn.Module):
 
         self.vision = VisionEncoder(config)
         self.align = AlignmentModule(config.vision_width, config.align_groups)
-        self.fusion = ViewFusion(config.vision_width, config.n_views)
+        self.fusion = ViewFusion(config.vision_width, config.n_views, config.grid_size, config.fusion_position_embedding)
         self.qformer = QFormer(config)
         self.tag_decoder = TagDecoder(config)
         self.rtc_decoder = RegionTextDecoder(config)
@@ -214,9 +214,10 @@ class DynRefer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor, captions: Sequence[str],
                 tag_targets: torch.Tensor, controls: Sequence[str] | None = None,
-                rng: random.Random | None = None) -> DynReferOutput:
+                rng: random.Random | None = None, rtc_texts: Sequence[str] | None = None) -> DynReferOutput:
         """Training losses for N regions: views, per-view boxes, one caption per region and the
-        multi-hot tag targets (N, len(vocabulary.tags))."""
+        multi-hot tag targets (N, len(vocabulary.tags)). `rtc_texts` (default: the captions) are the texts
+        the region-text loss matches, e.g. a class prompt in place of some captions."""
         n = pixel_values.shape[0]
         if len(captions) != n:
             raise ValueError(f"{len(captions)} captions for {n} regions")
@@ -227,12 +228,15 @@ class DynRefer(nn.Module):
             controls = self.sample_controls(tag_targets, captions, rng)
         with self.autocast():
             z = self.encode_regions(pixel_values, boxes)
-            tag = asymmetric_loss(self.tag_logits(z), tag_targets.to(z.device)) * self.config.tag_loss_weight
-            caption_embeds = self.text_encoder.encode(list(captions)).to(z.device)
-            scores = self.rtc_decoder(z, caption_embeds)
+            tag = asymmetric_loss(self.tag_logits(z), tag_targets.to(z.device), gamma_neg=self.config.tag_gamma_neg)
+            tag = tag * self.config.tag_loss_weight
+            texts = list(captions if rtc_texts is None else rtc_texts)
+            if len(texts) != n:
+                raise ValueError(f"{len(texts)} region-text texts for {n} regions")
+            scores = self.rtc_decoder(z, self.text_encoder.encode(texts).to(z.device))
             same = None
             if self.config.rtc_same_caption_positive:
-                same = torch.tensor([[a == b for b in captions] for a in captions], device=z.device)
+                same = torch.tensor([[a == b for b in texts] for a in texts], device=z.device)
             rtc = sigmoid_contrastive_loss(scores, self.rtc_decoder.logit_scale, self.rtc_decoder.logit_bias, same)
             rtc = rtc * self.config.rtc_loss_weight
             caption = self.language.loss(z, controls, captions, self.tokenizer)

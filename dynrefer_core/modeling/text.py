@@ -47,6 +47,7 @@ class TextEncoder(nn.Module):
     def __init__(self, config: DynReferConfig, tokenizer=None):
         super().__init__()
         self.kind = config.text_encoder.kind
+        self.output_scale = float(config.text_encoder.output_scale)
         self.max_length = config.text_encoder.max_length
         if self.kind == "minilm":
             path = minilm_path()
@@ -79,7 +80,7 @@ class TextEncoder(nn.Module):
                 embeds = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
             else:
                 embeds = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).text_embeds
-            out.append(embeds.float())
+            out.append(embeds.float() * self.output_scale)
         return torch.cat(out)
 
     @property

@@ -31,6 +31,21 @@ def vision_config(config: DynReferConfig) -> Blip2VisionConfig:
     )
 
 
+def sincos_position_embedding(grid: int, dim: int) -> torch.Tensor:
+    """(1 + grid*grid, dim) fixed 2-D sine-cosine position table (MAE style), zeros for the CLS slot."""
+    if dim % 4:
+        raise ValueError(f"width {dim} must be divisible by 4 for a 2-D sin-cos position table")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    table = torch.cat(parts, dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+
+
 class VisionEncoder(nn.Module):
     """Pixels of every view -> (CLS_k, RoI map X_k) per view.
 
