@@ -76,6 +76,7 @@ class LoadedModel:
     device: str
     random_weights: bool = False
     error: str | None = None
+    bundled: bool = False  # the default checkpoints/mini
 
     def to_dict(self) -> dict:
         return {"checkpoint": self.source, "device": self.device, "random_weights": self.random_weights}
@@ -95,7 +96,13 @@ class LoadedModel:
                     f"this is a randomly initialised `DynReferConfig.tiny()` model on `{self.device}` "
                     f"({self.summary()}). The view selection is real; captions, tags and similarities are noise. "
                     "Start the app with `--checkpoint DIR_OR_HUB_ID` to load trained weights.")
-        return f"**Model:** `{self.source}` on `{self.device}` ({self.summary()})."
+        text = f"**Model:** `{self.source}` on `{self.device}` ({self.summary()})."
+        if self.bundled:
+            text += ("  \nThis is the bundled **DynRefer-mini**, trained here from scratch on generated scenes of 10 "
+                     "shapes, 8 colours, 4 patterns and 3 sizes (its scores are in the README). It describes every "
+                     "region in those words: try the generated examples, and load the released weights with "
+                     "`--checkpoint` for photos.")
+        return text
 
 
 def _short(path: Path | str) -> str:
@@ -126,7 +133,7 @@ def load_model(checkpoint: str | None = None, device: str | None = None) -> Load
             f"Could not load the checkpoint `{source}` on device `{device or 'auto'}`: {type(exc).__name__}: {exc}. "
             "Pass `--checkpoint` a folder written by `DynRefer.save_pretrained` (or a Hugging Face Hub id of one), "
             "or leave it out to use the bundled `checkpoints/mini`; `--device cpu` always works."))
-    return LoadedModel(model, source, dev)
+    return LoadedModel(model, source, dev, bundled=checkpoint is None)
 
 
 @gpu

@@ -264,3 +264,11 @@ def test_spaces_gpu_wraps_the_model_call_when_available(monkeypatch):
     monkeypatch.delitem(sys.modules, "dynrefer_demo_app")
     load_app()
     assert wrapped == ["run_describe"]
+
+
+def test_the_bundled_model_is_named_as_such(monkeypatch, checkpoint):
+    monkeypatch.setattr(app, "DEFAULT_CHECKPOINT", checkpoint)
+    bundled = app.load_model(None, "cpu")
+    assert bundled.bundled and not bundled.random_weights and "DynRefer-mini" in bundled.banner()
+    chosen = app.load_model(str(checkpoint), "cpu")
+    assert not chosen.bundled and "DynRefer-mini" not in chosen.banner()
