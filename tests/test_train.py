@@ -114,3 +114,29 @@ def test_cached_text_encode_embeds_each_text_once():
     assert c(["ab", "c", "ab"]).flatten().tolist() == [2.0, 1.0, 2.0]
     assert c(["c", "dddd"]).flatten().tolist() == [1.0, 4.0]
     assert calls == [["ab", "c"], ["dddd"]]
+
+
+def test_encoder_warm_up_trains_the_encoder_only_then_the_method_takes_over(tiny_data, tmp_path):
+    from dynrefer_core.data.annotations import load_annotations
+    from dynrefer_core.data.dataset import RegionDataset
+
+    cfg = tiny_cfg(tiny_data, tmp_path / "w", encoder_warmup_steps=3, encoder_warmup_lr=1e-2, log_every=1)
+    train_ann = load_annotations(tiny_data).split("train")
+    torch.manual_seed(0)
+    model = T.build_model(cfg, train_ann).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
+                       n_views=model.config.n_views, strategy="random")
+    lines = []
+    T.warm_up_encoder(model, ds, T.EpochSampler(len(ds), 0), cfg, T.Dist(0, 1, 0), torch.device("cpu"), lines.append)
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert {"fusion", "qformer"} <= changed <= {"vision", "align", "fusion", "qformer"}  # the encoder only
+    assert "probe" not in " ".join(model.state_dict())  # the probe is not part of the model
+    assert lines[0].startswith("encoder warm-up: 3 steps") and lines[-1].startswith("encoder warm-up 3/3")
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "train_log.txt").write_text("an older run\n")
+    T.train(cfg)  # in a run: the warm-up is logged before the method's steps, and the run completes
+    log = (tmp_path / "w" / "train_log.txt").read_text()
+    assert "an older run" not in log  # a fresh run starts a fresh log
+    assert log.index("encoder warm-up 3/3") < log.index("step 1/4") and "step 4/4" in log
