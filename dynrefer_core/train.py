@@ -198,6 +198,16 @@ def build_model(cfg: dict, train_ann: RegionAnnotations):
     return model
 
 
+def epoch_batches(ds: RegionDataset, sampler: "EpochSampler", epoch: int, batch_size: int, num_workers: int,
+                  seed: int, skip: int = 0) -> DataLoader:
+    """One epoch of training batches, views and order seeded by (seed, epoch), minus `skip` regions already seen."""
+    sampler.set_epoch(epoch, skip=skip)
+    ds.set_epoch(epoch)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate_regions, drop_last=True,
+                      num_workers=num_workers, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed * 7919 + epoch))  # leaves the global RNG alone
+
+
 class EncoderWarmup(torch.nn.Module):
     """Encoder warm-up for training from scratch: the tag loss on a linear probe of the mean of z.
 
@@ -241,12 +251,8 @@ def warm_up_encoder(model, ds: RegionDataset, sampler: "EpochSampler", cfg: dict
             "mean(z), then the method's losses")
     step, epoch, running, count = 0, 0, 0.0, 0
     while step < steps:
-        sampler.set_epoch(10_000 + epoch)  # its own data order; the main phase's epochs are unchanged
-        ds.set_epoch(10_000 + epoch)
-        loader = DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=collate_regions, drop_last=True,
-                            num_workers=int(d["num_workers"]),
-                            generator=torch.Generator().manual_seed(int(cfg["seed"]) * 7919 + 10_000 + epoch))
-        for batch in loader:
+        # Epochs 10000+: its own data order, so the main phase's epochs are the same with or without it.
+        for batch in epoch_batches(ds, sampler, 10_000 + epoch, bs, int(d["num_workers"]), int(cfg["seed"])):
             loss = net(**batch.to(device).model_inputs())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -462,12 +468,7 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
     running: dict[str, float] = {}
     t0 = time.perf_counter()
     while step < max_steps:
-        sampler.set_epoch(epoch, skip=batch_in_epoch * bs)
-        ds.set_epoch(epoch)
-        loader = DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=collate_regions, drop_last=True,
-                            num_workers=int(d["num_workers"]), persistent_workers=False,
-                            generator=torch.Generator().manual_seed(seed * 7919 + epoch))  # keeps global RNG
-        for batch in loader:
+        for batch in epoch_batches(ds, sampler, epoch, bs, int(d["num_workers"]), seed, skip=batch_in_epoch * bs):
             lr = lr_at(step, **sched)
             for g in optimizer.param_groups:
                 g["lr"] = lr
