@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .data.annotations import RegionAnnotations, load_annotations
 from .data.dataset import RegionDataset, collate_regions
+from .modeling.losses import asymmetric_loss
 from .modeling.vision import sincos_position_embedding
 from .runtime import choose_device, choose_dtype
 
@@ -225,8 +226,6 @@ class EncoderWarmup(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor, tag_targets: torch.Tensor,
                 **_other_inputs) -> torch.Tensor:
-        from .modeling.losses import asymmetric_loss
-
         c = self.model.config
         with self.model.autocast():
             z = self.model.encode_regions(pixel_values, boxes)

@@ -7,10 +7,9 @@ Evaluation: the planner's views (`strategy="phash"` by default, or "fixed"/"rand
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-
-import random
 
 import torch
 from torch.utils.data import Dataset
