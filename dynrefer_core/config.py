@@ -89,6 +89,11 @@ class DynReferConfig:
     freeze_vision: bool = True
     # Alignment module (spec 3.3).
     align_groups: int = 4
+    # Not in the release: the initial modulation m of every tap (the release starts at 0, so the aligned
+    # context maps start at exactly zero and pass no gradient to the ViT until m grows). That suits a
+    # pretrained ViT whose context features are useful at once; from scratch the gate and the features each
+    # wait for the other. 1/9 starts the module as a 3x3 mean of the context map.
+    align_modulation_init: float = 0.0
     # Not in the release: a learned 2-D position table (started as sin-cos) added to the fused tokens before
     # the Q-Former. The release needs none because its pretrained EVA ViT writes position into every token;
     # a ViT trained from scratch does not, and the Q-Former's cross-attention is blind to token order, so
@@ -237,6 +242,7 @@ class DynReferConfig:
             image_size=112,
             vision_width=128,
             fusion_position_embedding=True,
+            align_modulation_init=1.0 / 9.0,
             tag_gamma_neg=1.0,
             rtc_same_caption_positive=True,
             vision_layers=4,

@@ -10,6 +10,7 @@ from dynrefer_core.data.annotations import box_from_segmentation, load_annotatio
 from dynrefer_core.data.dataset import RegionDataset, collate_regions, iter_image_batches, tag_target
 from dynrefer_core.data.generate import generate
 from dynrefer_core.data.scenes import tag_vocabulary
+from dynrefer_core.views.planning import plan_views_batch
 
 
 @pytest.fixture()
@@ -123,3 +124,22 @@ def test_class_prompts_replace_some_region_texts(mini_data):
     assert batch.to(torch.device("cpu")).rtc_texts == batch.rtc_texts
     with pytest.raises(ValueError, match="class_prompt_ratio"):
         RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, class_prompt_ratio=1.5)
+
+
+def test_phash_view_ratio_mixes_inference_views_into_training(mini_data):
+    train = mini_data.split("train")
+    n = min(len(train.regions), 40)
+    plans = {r.id: plan_views_batch(mini_data.images[r.image_id].path, [r.box], 3, "phash")[0].selected_ts
+             for r in train.regions[:n]}
+    random_only = RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, seed=1)
+    all_phash = RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, seed=1, phash_view_ratio=1.0)
+    assert all(all_phash[i].selected_ts == plans[r.id] for i, r in enumerate(train.regions[:n]))
+    assert sum(random_only[i].selected_ts != plans[r.id] for i, r in enumerate(train.regions[:n])) > n // 2
+    half = RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, seed=1, phash_view_ratio=0.5)
+    picked = [half[i].selected_ts == plans[r.id] for i, r in enumerate(train.regions[:n])]
+    assert 0 < sum(picked) < n
+    assert [half[i].selected_ts for i in range(n)] == [half[i].selected_ts for i in range(n)]  # seeded
+    with pytest.raises(ValueError, match="phash_view_ratio"):
+        RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, phash_view_ratio=-0.1)
+    with pytest.raises(ValueError, match="random training views"):
+        RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, strategy="phash", phash_view_ratio=0.5)

@@ -28,6 +28,23 @@ def test_zero_init_gives_all_zero_maps():
     assert torch.count_nonzero(out) == 0  # m = 0 everywhere and zero output bias: no residual
 
 
+def test_modulation_init_starts_as_a_3x3_mean_of_the_projected_context():
+    torch.manual_seed(0)
+    c, g = 8, 2
+    m = AlignmentModule(c, g, modulation_init=1 / 9)
+    offsets, modulation = m.offsets_and_modulation(torch.randn(1, c, 5, 5), torch.randn(1, c, 5, 5))
+    assert torch.count_nonzero(offsets) == 0 and torch.allclose(modulation, torch.full_like(modulation, 1 / 9))
+    context = torch.randn(1, c, 5, 5)
+    value = m.value_proj(context.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    mean = torch.nn.functional.avg_pool2d(value, 3, stride=1, padding=1, count_include_pad=True)
+    expected = m.output_proj(mean.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    assert torch.allclose(m(context, torch.randn(1, c, 5, 5)), expected, atol=1e-5)
+    out = m(context.requires_grad_(), torch.randn(1, c, 5, 5))
+    out.sum().backward()
+    assert context.grad.abs().sum() > 0  # unlike the release's init, the ViT gets gradient at step 0
+    assert AlignmentModule(c, g).offset_mask.bias.abs().sum() == 0  # default: as released
+
+
 def test_matches_torchvision_deform_conv2d():
     torch.manual_seed(0)
     b, c, g, h, w = 2, 16, 4, 6, 7

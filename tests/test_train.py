@@ -140,3 +140,42 @@ def test_encoder_warm_up_trains_the_encoder_only_then_the_method_takes_over(tiny
     log = (tmp_path / "w" / "train_log.txt").read_text()
     assert "an older run" not in log  # a fresh run starts a fresh log
     assert log.index("encoder warm-up 3/3") < log.index("step 1/4") and "step 4/4" in log
+
+
+def test_context_probe_trains_the_vit_through_the_context_views(tiny_data, tmp_path):
+    """With the release's alignment init (m = 0) the context RoI maps get no gradient through z (only the
+    context views' CLS tokens do); the context probe reaches them directly, and its loss adds to z's."""
+    from dynrefer_core.data.annotations import load_annotations
+    from dynrefer_core.data.dataset import RegionDataset, collate_regions
+
+    cfg = tiny_cfg(tiny_data, tmp_path / "w")
+    train_ann = load_annotations(tiny_data).split("train")
+    torch.manual_seed(0)
+    model = T.build_model(cfg, train_ann).train()
+    assert model.config.align_modulation_init == 0.0  # tiny keeps the release's init
+    ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
+                       n_views=model.config.n_views, strategy="random")
+    batch = collate_regions([ds[i] for i in range(4)])
+    inputs = batch.model_inputs()
+    torch.manual_seed(1)
+    plain = T.EncoderWarmup(model, len(model.vocabulary.tags))
+    both = T.EncoderWarmup(model, len(model.vocabulary.tags), context_probe=True)
+    both.probe.load_state_dict(plain.probe.state_dict())
+    with torch.no_grad():
+        assert float(both(**inputs)) > float(plain(**inputs)) > 0
+
+    rois = []
+
+    def keep(_module, _inputs, out):
+        out.retain_grad()
+        rois.append(out)
+
+    hook = model.vision.roi_align.register_forward_hook(keep)
+    plain(**inputs).backward()
+    both(**inputs).backward()
+    hook.remove()
+    n, v = inputs["pixel_values"].shape[:2]
+    g_plain, g_both = (r.grad.reshape(n, v, -1).abs().sum(dim=(0, 2)) for r in rois)
+    assert g_plain[0] > 0 and torch.all(g_plain[1:] == 0)  # z: the reference map only
+    assert torch.all(g_both[1:] > 0) and both.context_probe.weight.grad.abs().sum() > 0
+    assert "probe" not in " ".join(model.state_dict())

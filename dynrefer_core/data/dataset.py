@@ -88,11 +88,16 @@ class RegionDataset(Dataset):
     prompt "the {category}" instead of the caption. Region texts in Visual Genome are mostly such short
     phrases; a generated caption always names a neighbour too, so without them the contrastive decoder never
     learns which object a bare class name refers to (the open-vocabulary recognition prompt).
+
+    `phash_view_ratio` (with `strategy="random"`): the fraction of regions that get the inference views
+    (pHASH selection, spec 2) instead of uniformly random ones. The release trains on random views only, but
+    pHASH almost always picks t = 0.1 and 0.2 (spec 2.4), which random sampling shows in only 1 of 45 pairs;
+    a model trained from scratch on a short budget then learns size and neighbours in views it never gets.
     """
 
     def __init__(self, annotations: RegionAnnotations, tag_vocabulary: Sequence[str], *, image_size: int,
                  n_views: int, strategy: str = "random", ts: Sequence[float] | None = None, alpha: float = 1.0,
-                 seed: int = 0, class_prompt_ratio: float = 0.0) -> None:
+                 seed: int = 0, class_prompt_ratio: float = 0.0, phash_view_ratio: float = 0.0) -> None:
         if not annotations.regions:
             raise ValueError("the annotation file (or split) has no regions")
         self.ann = annotations
@@ -103,6 +108,11 @@ class RegionDataset(Dataset):
         if not 0.0 <= class_prompt_ratio <= 1.0:
             raise ValueError(f"class_prompt_ratio must lie in [0, 1], got {class_prompt_ratio}")
         self.class_prompt_ratio = class_prompt_ratio
+        if not 0.0 <= phash_view_ratio <= 1.0:
+            raise ValueError(f"phash_view_ratio must lie in [0, 1], got {phash_view_ratio}")
+        if phash_view_ratio > 0 and strategy != "random":
+            raise ValueError(f"phash_view_ratio mixes pHASH into random training views; strategy is {strategy!r}")
+        self.phash_view_ratio = phash_view_ratio
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -114,8 +124,12 @@ class RegionDataset(Dataset):
         r = self.regions[index]
         record = self.ann.images[r.image_id]
         image = load_image(record.path)
-        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index if self.strategy == "random" else None
-        plan = plan_views_batch(image, [r.box], self.n_views, self.strategy, ts=self.ts, alpha=self.alpha,
+        strategy, seed = self.strategy, None
+        if strategy == "random":
+            seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+            if self.phash_view_ratio > 0 and random.Random(seed * 31 + 7).random() < self.phash_view_ratio:
+                strategy = "phash"
+        plan = plan_views_batch(image, [r.box], self.n_views, strategy, ts=self.ts, alpha=self.alpha,
                                 seed=seed)[0]
         views = render_views(image, plan, self.image_size)
         rtc_text = None

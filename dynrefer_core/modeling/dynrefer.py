@@ -65,7 +65,7 @@ class DynRefer(nn.Module):
         self.tokenizer = tokenizer
 
         self.vision = VisionEncoder(config)
-        self.align = AlignmentModule(config.vision_width, config.align_groups)
+        self.align = AlignmentModule(config.vision_width, config.align_groups, config.align_modulation_init)
         self.fusion = ViewFusion(config.vision_width, config.n_views, config.grid_size, config.fusion_position_embedding)
         self.qformer = QFormer(config)
         self.tag_decoder = TagDecoder(config)
@@ -143,6 +143,10 @@ class DynRefer(nn.Module):
     # ------------------------------------------------------------------ region encoding
     def encode_regions(self, pixel_values: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Views (N, n, 3, S, S) and per-view region boxes (N, n, 4) -> z = x_v (N, num_query_tokens, D)."""
+        return self.fuse_views(*self.embed_views(pixel_values, boxes))
+
+    def embed_views(self, pixel_values: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ViT on every view: CLS tokens (N, n, C) and the region's RoI maps X_k (N, n, C, G, G)."""
         c = self.config
         if pixel_values.dim() != 5 or pixel_values.shape[1:] != (c.n_views, 3, c.image_size, c.image_size):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
@@ -154,8 +158,11 @@ class DynRefer(nn.Module):
         boxes = boxes.to(self.device, torch.float32)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not c.freeze_vision):
             cls, rois = self.vision(pixel_values.flatten(0, 1), boxes.flatten(0, 1))
-        cls = cls.reshape(n, v, -1)
-        rois = rois.reshape(n, v, *rois.shape[1:])
+        return cls.reshape(n, v, -1), rois.reshape(n, v, *rois.shape[1:])
+
+    def fuse_views(self, cls: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """Align the context maps to the reference X_0, fuse all views, compress with the Q-Former -> z."""
+        n, v = cls.shape[:2]
         reference = rois[:, 0]
         if v > 1:
             context = rois[:, 1:].flatten(0, 1)
