@@ -225,8 +225,8 @@ class EncoderWarmup(torch.nn.Module):
     `context_probe`: a second linear probe, on the mean of the context views' RoI maps X_k (k >= 1) before
     alignment, trained with the same tags. A relation and its neighbour lie outside the box, so they reach the
     RoI maps only if the ViT writes them there; through z that signal arrives too weakly to learn
-    (DynRefer-mini, 800 steps: neighbour colour 0.18 from z, 0.53 from this probe; 0.36 at 600 steps when
-    the probe reads the G x G grid flattened instead of its mean, which favours the region itself).
+    (DynRefer-mini, 800 steps: neighbour colour 0.18 from z, 0.53 from this probe; at 600 steps 0.43, but 0.36
+    when the probe reads the G x G grid flattened instead of its mean, which favours the region itself).
     """
 
     def __init__(self, model, n_tags: int, context_probe: bool = False) -> None:
