@@ -270,14 +270,19 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return iw * ih / area
 
 
+def _centre_distances(boxes: list[tuple[float, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """Box centres (n, 2) and their pairwise distances (n, n), infinite on the diagonal (no self-neighbour)."""
+    c = np.array([((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes])
+    d = np.hypot(c[:, None, 0] - c[None, :, 0], c[:, None, 1] - c[None, :, 1])
+    np.fill_diagonal(d, np.inf)
+    return c, d
+
+
 def _unambiguous(boxes: list[tuple[float, ...]], margin: float) -> bool:
     """True if each box's nearest neighbour (by centre) is `margin` times nearer than its second nearest."""
     if len(boxes) < 3:
         return True
-    c = np.array([((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in boxes])
-    d = np.hypot(c[:, None, 0] - c[None, :, 0], c[:, None, 1] - c[None, :, 1])
-    np.fill_diagonal(d, np.inf)
-    two = np.sort(d, axis=1)[:, :2]
+    two = np.sort(_centre_distances(boxes)[1], axis=1)[:, :2]
     return bool(np.all(two[:, 1] >= margin * two[:, 0]))
 
 
@@ -300,7 +305,8 @@ def _place(cfg: SceneConfig, d: int, placed: list[tuple[float, ...]], rng: np.ra
         if x0 < 2 or y0 < 2 or x0 + side > cfg.width - 2 or y0 + side > cfg.height - 2:
             continue
         box = (x0 + 1.0, y0 + 1.0, x0 + 1.0 + d, y0 + 1.0 + d)
-        if all(_overlap(box, p) <= cfg.max_overlap for p in placed) and _unambiguous([*placed, box], cfg.neighbour_margin):
+        if (all(_overlap(box, p) <= cfg.max_overlap for p in placed)
+                and _unambiguous([*placed, box], cfg.neighbour_margin)):
             return x0, y0
     return None
 
@@ -330,11 +336,9 @@ def _paint(canvas: np.ndarray, labels: np.ndarray, k: int, x0: int, y0: int, obj
 
 
 def _neighbours(objects: list[SceneObject]) -> None:
-    centres = np.array([((o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2) for o in objects])
+    centres, dist = _centre_distances([o.box for o in objects])
     for i, o in enumerate(objects):
-        dist = np.hypot(*(centres - centres[i]).T)
-        dist[i] = np.inf
-        j = int(np.argmin(dist))
+        j = int(np.argmin(dist[i]))
         dx, dy = centres[i] - centres[j]
         if abs(dx) >= abs(dy):
             o.relation = "left of" if dx < 0 else "right of"

@@ -16,8 +16,10 @@ with zero padding outside (grid_sample, align_corners=True).
 Initialisation as released: offset_mask weight and bias are zero (so all modulation m is 0 and the
 aligned maps start at zero), value/output projections Xavier-uniform with zero bias, offset_conv the
 PyTorch default. `modulation_init` (not in the release; DynReferConfig.align_modulation_init) starts
-every m at that value instead, e.g. 1/9: a 3x3 mean, so that gradient reaches a ViT trained from scratch. Quirk kept on purpose: with groups=C over the concatenation, output channel c sees
-input channels 2c and 2c+1, so the first half of F depends only on X_k and the second half only on R.
+every m at that value instead, e.g. 1/9: a 3x3 mean, so that gradient reaches a ViT trained from scratch.
+
+Quirk kept on purpose: with groups=C over the concatenation, output channel c sees input channels 2c and
+2c+1, so the first half of F depends only on X_k and the second half only on R.
 """
 from __future__ import annotations
 
