@@ -128,7 +128,8 @@ def test_encoder_warm_up_trains_the_encoder_only_then_the_method_takes_over(tiny
     ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
                        n_views=model.config.n_views, strategy="random")
     lines = []
-    T.warm_up_encoder(model, ds, T.EpochSampler(len(ds), 0), cfg, T.Dist(0, 1, 0), torch.device("cpu"), lines.append)
+    warm = T.EncoderWarmup(model, len(model.vocabulary.tags))
+    T.warm_up_encoder(warm, ds, T.EpochSampler(len(ds), 0), cfg, T.Dist(0, 1, 0), torch.device("cpu"), lines.append)
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert {"fusion", "qformer"} <= changed <= {"vision", "align", "fusion", "qformer"}  # the encoder only
     assert "probe" not in " ".join(model.state_dict())  # the probe is not part of the model
@@ -179,3 +180,43 @@ def test_context_probe_trains_the_vit_through_the_context_views(tiny_data, tmp_p
     assert g_plain[0] > 0 and torch.all(g_plain[1:] == 0)  # z: the reference map only
     assert torch.all(g_both[1:] > 0) and both.context_probe.weight.grad.abs().sum() > 0
     assert "probe" not in " ".join(model.state_dict())
+
+
+def test_probe_loss_kept_in_the_main_phase_adds_to_the_methods_losses_and_resumes(tiny_data, tmp_path):
+    from dynrefer_core.data.annotations import load_annotations
+    from dynrefer_core.data.dataset import RegionDataset, collate_regions
+
+    # the objective: the model's own three losses on the same draw, plus weight x the probes' loss
+    cfg = tiny_cfg(tiny_data, tmp_path / "o")
+    train_ann = load_annotations(tiny_data).split("train")
+    torch.manual_seed(0)
+    model = T.build_model(cfg, train_ann).eval()  # no dropout: both paths see the same features
+    ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
+                       n_views=model.config.n_views, strategy="random")
+    inputs = collate_regions([ds[i] for i in range(4)]).model_inputs()
+    warm = T.EncoderWarmup(model, len(model.vocabulary.tags), context_probe=True)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        plain = model(**inputs)
+        torch.manual_seed(5)
+        probed = T.ProbedObjective(warm, 0.5)(**inputs)
+        probe = float(warm(**inputs))
+    assert set(probed.losses) == {"caption", "tag", "rtc", "probe"}
+    for k in ("caption", "tag", "rtc"):
+        assert torch.allclose(probed.losses[k], plain.losses[k], atol=1e-6)
+    assert float(probed.losses["probe"]) == pytest.approx(0.5 * probe, rel=1e-5) and probe > 0
+    assert float(probed.loss) == pytest.approx(float(plain.loss) + 0.5 * probe, rel=1e-5)
+
+    # in training: the part is logged, the probes (not in the model) are saved, and --resume is exact
+    kw = dict(eval_every=0, encoder_warmup_steps=2, encoder_warmup_context_probe=True, encoder_probe_weight=0.5)
+    T.train(tiny_cfg(tiny_data, tmp_path / "full", **kw))
+    assert "probe" in (tmp_path / "full" / "train_log.txt").read_text().split("grad_norm")[-1]
+    assert "probe" not in " ".join(load_file(str(tmp_path / "full" / "model.safetensors")))
+    T.train(tiny_cfg(tiny_data, tmp_path / "half", **kw), stop_after=2)
+    state = torch.load(tmp_path / "half" / "trainer_state.pt", weights_only=False)
+    assert set(state["probes"]) == {"probe.weight", "probe.bias", "context_probe.weight", "context_probe.bias"}
+    T.train(tiny_cfg(tiny_data, tmp_path / "half", **kw), resume=True)
+    assert _log_losses(tmp_path / "full")[2:] == _log_losses(tmp_path / "half")[2:]
+    T.train(tiny_cfg(tiny_data, tmp_path / "plain", eval_every=0), stop_after=2)
+    with pytest.raises(ValueError, match="holds no probe weights"):
+        T.train(tiny_cfg(tiny_data, tmp_path / "plain", **kw), resume=True)

@@ -225,16 +225,29 @@ class DynRefer(nn.Module):
         """Training losses for N regions: views, per-view boxes, one caption per region and the
         multi-hot tag targets (N, len(vocabulary.tags)). `rtc_texts` (default: the captions) are the texts
         the region-text loss matches, e.g. a class prompt in place of some captions."""
-        n = pixel_values.shape[0]
+        self._check_targets(pixel_values.shape[0], captions, tag_targets)
+        if controls is None:  # drawn before the encoder's dropout, so a seed gives the same run as before
+            controls = self.sample_controls(tag_targets, captions, rng)
+        with self.autocast():
+            z = self.encode_regions(pixel_values, boxes)
+        return self.region_losses(z, captions, tag_targets, controls, rtc_texts=rtc_texts)
+
+    def _check_targets(self, n: int, captions: Sequence[str], tag_targets: torch.Tensor) -> None:
         if len(captions) != n:
             raise ValueError(f"{len(captions)} captions for {n} regions")
         if tag_targets.shape != (n, len(self.vocabulary.tags)):
             raise ValueError(f"tag_targets has shape {tuple(tag_targets.shape)}; expected "
                              f"({n}, {len(self.vocabulary.tags)}) for this vocabulary")
+
+    def region_losses(self, z: torch.Tensor, captions: Sequence[str], tag_targets: torch.Tensor,
+                      controls: Sequence[str] | None = None, rng: random.Random | None = None,
+                      rtc_texts: Sequence[str] | None = None) -> DynReferOutput:
+        """The three decoders' losses on region tokens z (N, num_query_tokens, D); see `forward`."""
+        n = z.shape[0]
+        self._check_targets(n, captions, tag_targets)
         if controls is None:
             controls = self.sample_controls(tag_targets, captions, rng)
         with self.autocast():
-            z = self.encode_regions(pixel_values, boxes)
             tag = asymmetric_loss(self.tag_logits(z), tag_targets.to(z.device), gamma_neg=self.config.tag_gamma_neg)
             tag = tag * self.config.tag_loss_weight
             texts = list(captions if rtc_texts is None else rtc_texts)
