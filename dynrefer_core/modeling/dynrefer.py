@@ -225,14 +225,15 @@ class DynRefer(nn.Module):
         """Training losses for N regions: views, per-view boxes, one caption per region and the
         multi-hot tag targets (N, len(vocabulary.tags)). `rtc_texts` (default: the captions) are the texts
         the region-text loss matches, e.g. a class prompt in place of some captions."""
-        self._check_targets(pixel_values.shape[0], captions, tag_targets)
+        self.check_training_targets(pixel_values.shape[0], captions, tag_targets)
         if controls is None:  # drawn before the encoder's dropout, so a seed gives the same run as before
             controls = self.sample_controls(tag_targets, captions, rng)
         with self.autocast():
             z = self.encode_regions(pixel_values, boxes)
         return self.region_losses(z, captions, tag_targets, controls, rtc_texts=rtc_texts)
 
-    def _check_targets(self, n: int, captions: Sequence[str], tag_targets: torch.Tensor) -> None:
+    def check_training_targets(self, n: int, captions: Sequence[str], tag_targets: torch.Tensor) -> None:
+        """One caption and one multi-hot row over `vocabulary.tags` per region, or a ValueError that says so."""
         if len(captions) != n:
             raise ValueError(f"{len(captions)} captions for {n} regions")
         if tag_targets.shape != (n, len(self.vocabulary.tags)):
@@ -244,7 +245,7 @@ class DynRefer(nn.Module):
                       rtc_texts: Sequence[str] | None = None) -> DynReferOutput:
         """The three decoders' losses on region tokens z (N, num_query_tokens, D); see `forward`."""
         n = z.shape[0]
-        self._check_targets(n, captions, tag_targets)
+        self.check_training_targets(n, captions, tag_targets)
         if controls is None:
             controls = self.sample_controls(tag_targets, captions, rng)
         with self.autocast():
