@@ -238,10 +238,13 @@ class EncoderWarmup(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor, tag_targets: torch.Tensor,
                 **_other_inputs) -> torch.Tensor:
+        return self.probe_loss(*self.encode(pixel_values, boxes), tag_targets)
+
+    def encode(self, pixel_values: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (N, Q, D) and the RoI maps of every view (N, n, C, G, G), which the context probe reads."""
         with self.model.autocast():
             cls, rois = self.model.embed_views(pixel_values, boxes)
-            z = self.model.fuse_views(cls, rois)
-        return self.probe_loss(z, rois, tag_targets)
+            return self.model.fuse_views(cls, rois), rois
 
     def probe_loss(self, z: torch.Tensor, rois: torch.Tensor, tag_targets: torch.Tensor) -> torch.Tensor:
         """Tag loss of the probes on z (N, Q, D) and on the context RoI maps rois[:, 1:] (N, n, C, G, G)."""
@@ -282,10 +285,8 @@ class ProbedObjective(torch.nn.Module):
                 rtc_texts=None):
         model = self.warmup.model
         model.check_training_targets(pixel_values.shape[0], captions, tag_targets)
-        controls = model.sample_controls(tag_targets, captions)
-        with model.autocast():
-            cls, rois = model.embed_views(pixel_values, boxes)
-            z = model.fuse_views(cls, rois)
+        controls = model.sample_controls(tag_targets, captions)  # before the encoder, as in DynRefer.forward
+        z, rois = self.warmup.encode(pixel_values, boxes)
         out = model.region_losses(z, captions, tag_targets, controls, rtc_texts=rtc_texts)
         out.losses["probe"] = self.warmup.probe_loss(z, rois, tag_targets).float() * self.weight
         out.loss = sum(out.losses.values())
@@ -498,12 +499,12 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
     if steps_per_epoch == 0:
         raise ValueError(f"{len(sampler)} training regions per process is less than one batch of {bs}")
 
-    warm, objective = None, model
+    warm, objective, saved_probes = None, model, None
     probe_weight = float(t["encoder_probe_weight"])
-    if int(t["encoder_warmup_steps"]) > 0 or probe_weight > 0:
+    if (state is None and int(t["encoder_warmup_steps"]) > 0) or probe_weight > 0:
         warm = EncoderWarmup(model, len(vocab), bool(t["encoder_warmup_context_probe"])).to(device)
     if probe_weight > 0:
-        objective = ProbedObjective(warm, probe_weight)
+        objective, saved_probes = ProbedObjective(warm, probe_weight), warm
         if state is not None:
             if "probes" not in state:
                 raise ValueError(f"{out / 'trainer_state.pt'} holds no probe weights: it was saved by a run without "
@@ -585,8 +586,7 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
             stop = stop_after is not None and step >= stop_after
             if step % int(t["save_every"]) == 0 or step == max_steps or stop:
                 if dd.main:
-                    save_state(out, model, optimizer, step, epoch, batch_in_epoch, cfg,
-                               warm if probe_weight > 0 else None)
+                    save_state(out, model, optimizer, step, epoch, batch_in_epoch, cfg, saved_probes)
                 if dist.is_initialized():
                     dist.barrier()
             if step >= max_steps or stop:
@@ -601,8 +601,7 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
         thr, f1 = calibrate_tag_threshold(model, val_ann, int(t["val_regions"]) * 4)
         log(f"tag threshold {model.config.tag_threshold} -> {thr} (val tag F1 {f1:.4f}); saved in config.json")
         model.config.tag_threshold = thr
-        save_state(out, model, optimizer, step, epoch, batch_in_epoch, cfg,
-                               warm if probe_weight > 0 else None)
+        save_state(out, model, optimizer, step, epoch, batch_in_epoch, cfg, saved_probes)
     if dd.main:
         log(f"done: {step} steps in {time.perf_counter() - t0:.0f}s; model in {out}")
     if dist.is_initialized():

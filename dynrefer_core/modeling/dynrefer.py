@@ -241,13 +241,11 @@ class DynRefer(nn.Module):
                              f"({n}, {len(self.vocabulary.tags)}) for this vocabulary")
 
     def region_losses(self, z: torch.Tensor, captions: Sequence[str], tag_targets: torch.Tensor,
-                      controls: Sequence[str] | None = None, rng: random.Random | None = None,
-                      rtc_texts: Sequence[str] | None = None) -> DynReferOutput:
-        """The three decoders' losses on region tokens z (N, num_query_tokens, D); see `forward`."""
+                      controls: Sequence[str], rtc_texts: Sequence[str] | None = None) -> DynReferOutput:
+        """The three decoders' losses on region tokens z (N, num_query_tokens, D), one control string per
+        region (`sample_controls`); see `forward`."""
         n = z.shape[0]
         self.check_training_targets(n, captions, tag_targets)
-        if controls is None:
-            controls = self.sample_controls(tag_targets, captions, rng)
         with self.autocast():
             tag = asymmetric_loss(self.tag_logits(z), tag_targets.to(z.device), gamma_neg=self.config.tag_gamma_neg)
             tag = tag * self.config.tag_loss_weight
