@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,6 +365,20 @@ def describe_json(loaded: LoadedModel, image: PIL.Image.Image, boxes: list, phra
     return payload, results
 
 
+DOWNLOAD_MAX_AGE_S = 3600  # as Gradio's own cache (`delete_cache` below): Gradio serves its copy of the file
+
+
+def prune_downloads(workdir: Path, max_age_s: float = DOWNLOAD_MAX_AGE_S) -> None:
+    """Delete JSON downloads older than `max_age_s`, so that a long-running Space does not fill its disk."""
+    cutoff = time.time() - max_age_s
+    for old in workdir.glob("dynrefer-*.json"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except FileNotFoundError:  # another call pruned it first
+            pass
+
+
 def on_describe(loaded: LoadedModel, workdir: Path, value: dict | None, phrases: str, *controls) -> tuple:
     """'Describe' in the page: region cards (via the cards state), the annotated image, the JSON download."""
     src, boxes = boxes_from_annotation(value)
@@ -375,6 +390,7 @@ def on_describe(loaded: LoadedModel, workdir: Path, value: dict | None, phrases:
              for i, region in enumerate(payload["regions"])]
     annotations = [(tuple(int(round(v)) for v in box), f"{i}: {region['caption']}")
                    for i, (box, region) in enumerate(zip(boxes, payload["regions"]), 1)]
+    prune_downloads(workdir)
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="dynrefer-", dir=workdir, delete=False) as f:
         json.dump(payload, f, indent=2)
     return (cards, gr.update(value=(image, annotations), visible=True), gr.update(value=f.name, visible=True),
@@ -466,7 +482,9 @@ def _region_card(item: dict) -> None:
 
 def build_app(loaded: LoadedModel) -> gr.Blocks:
     """All components and their wiring; the only state is `loaded` and a folder for the JSON downloads."""
-    workdir = Path(tempfile.mkdtemp(prefix="dynrefer-demo-"))
+    # Removed with the app, or at the latest when the process exits.
+    downloads = tempfile.TemporaryDirectory(prefix="dynrefer-demo-", ignore_cleanup_errors=True)
+    workdir = Path(downloads.name)
     scenes, photos = _load_examples()
     model_n = loaded.model.config.n_views if loaded.model is not None else 3
     with gr.Blocks(title="DynRefer demo", delete_cache=(3600, 3600)) as demo:
@@ -569,6 +587,7 @@ def build_app(loaded: LoadedModel) -> gr.Blocks:
         api_plan_btn.click(api_plan_views, [api_image, api_boxes, *api_controls], api_out, api_name="plan_views",
                            concurrency_limit=4)
     demo.queue(max_size=32)  # the model runs one call at a time (concurrency_id "model"); the rest wait in line
+    demo.downloads = downloads  # lives as long as the app; its finaliser removes the folder
     return demo
 
 

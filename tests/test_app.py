@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 import types
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -171,6 +175,12 @@ def test_describe_renders_every_region_and_writes_the_json(loaded, photo, tmp_pa
         assert [v["t"] for v in views if v["selected"]] == sorted(card["ts"]) and region["selected_ts"] == card["ts"]
         assert region["caption"].strip()  # seeded tiny weights caption in words
     assert json.loads(open(download["value"]).read()) == payload
+    # Downloads older than an hour are deleted at the next call, not left to fill a Space's disk.
+    old, other = tmp_path / "dynrefer-old.json", tmp_path / "notes.txt"
+    old.write_text("{}"), other.write_text("mine")
+    os.utime(old, (time.time() - 2 * app.DOWNLOAD_MAX_AGE_S,) * 2)
+    again = app.on_describe(loaded, tmp_path, annotation(photo, boxes[0]), "", *CONTROLS)[2]["value"]
+    assert not old.exists() and other.exists() and Path(download["value"]).exists() and Path(again).exists()
 
 
 def test_the_model_sees_the_full_resolution(loaded, tmp_path):
@@ -242,6 +252,18 @@ def test_the_app_exposes_describe_and_plan_views(loaded):
     demo = app.build_app(loaded)
     names = {fn.api_name for fn in demo.fns.values()}
     assert {"describe", "plan_views"} <= names
+    assert Path(demo.downloads.name).is_dir()
+
+
+def test_the_downloads_folder_goes_when_the_app_exits(checkpoint):
+    # It used to stay in /tmp, one per start of the app.
+    script = ("import sys; sys.path.insert(0, 'tests'); from demo_support import load_app; app = load_app(); "
+              f"demo = app.build_app(app.load_model({str(checkpoint)!r}, 'cpu')); print(demo.downloads.name)")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    folder = Path(run.stdout.strip().splitlines()[-1])
+    assert folder.name.startswith("dynrefer-demo-") and not folder.exists()
 
 
 def test_main_never_shares_unless_asked(monkeypatch, loaded):
