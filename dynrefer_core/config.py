@@ -86,6 +86,9 @@ class DynReferConfig:
     vision_heads: int = 16
     vision_intermediate: int = 6144
     vision_layer_norm_eps: float = 1e-6
+    # Not in the release: "conv" replaces the ViT's linear P x P patch embedding by a small conv stem
+    # (`ConvStem`). For a ViT trained from scratch on a CPU budget; EVA ViT-g uses "linear".
+    vision_stem: str = "linear"
     freeze_vision: bool = True
     # Alignment module (spec 3.3).
     align_groups: int = 4
@@ -148,6 +151,11 @@ class DynReferConfig:
                 f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}: "
                 "RoI-Align needs a square token grid"
             )
+        if self.vision_stem not in ("linear", "conv"):
+            raise ValueError(f"vision_stem={self.vision_stem!r}: use 'linear' or 'conv'")
+        if self.vision_stem == "conv" and (self.patch_size % 2 or self.vision_width % 2):
+            raise ValueError(f"vision_stem='conv' needs an even patch_size and vision_width "
+                             f"(got {self.patch_size} and {self.vision_width})")
         if self.vision_width % self.align_groups:
             raise ValueError(
                 f"vision_width={self.vision_width} is not divisible by align_groups={self.align_groups}"

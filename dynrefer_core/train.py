@@ -160,8 +160,11 @@ def init_from_scratch(module: torch.nn.Module, grid: int, std: float = 0.02) -> 
     fresh ViT constant. And a learned position table initialised at std 0.02 stays ~50x weaker than the
     patch features, so the tokens reach the Q-Former as a bag of patches: colour and texture are learned but
     shape, size and relations never are. The table therefore starts as a 2-D sin-cos table (still trained).
+    A conv stem keeps PyTorch's fan-in initialisation: at std 0.02 each of its layers would shrink the signal.
     """
     for name, p in module.named_parameters():
+        if "patch_embedding.layers." in name:
+            continue
         if "position_embedding" in name:
             with torch.no_grad():
                 p.copy_(sincos_position_embedding(grid, p.shape[-1]).reshape(p.shape))

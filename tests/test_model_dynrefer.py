@@ -1,4 +1,5 @@
 """The tiny DynRefer end to end on the CPU: losses, gradients, decoders and describe() on a real photo."""
+import dataclasses
 import json
 
 import pytest
@@ -213,3 +214,38 @@ def test_fusion_position_table_makes_token_order_visible():
     assert DynReferConfig.official_flant5xl().fusion_position_embedding is False  # the release has none
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_position_embedding(4, 10)
+
+
+def test_conv_stem_gives_the_same_token_grid_and_round_trips(tmp_path):
+    from dynrefer_core.modeling.vision import ConvStem
+    from dynrefer_core.train import init_from_scratch
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(DynReferConfig.tiny(), vision_stem="conv")
+    net = DynRefer(config).eval()
+    stem = net.vision.vit.embeddings.patch_embedding
+    assert isinstance(stem, ConvStem)
+    s, g, c = config.image_size, config.grid_size, config.vision_width
+    pixels = torch.randn(2, 3, s, s)
+    assert stem(pixels).shape == (2, c, g, g)
+    # A token sees its own P x P patch and, through the 3 x 3 convolution, P/2 px around it: changing the
+    # top-left patch changes the top-left 2 x 2 tokens and no other.
+    changed = pixels.clone()
+    changed[:, :, :config.patch_size, :config.patch_size] += 1.0
+    diff = (stem(changed) - stem(pixels)).abs().sum(dim=(0, 1))
+    assert diff[:2, :2].gt(0).all() and diff[2:].eq(0).all() and diff[:, 2:].eq(0).all()
+    # From scratch the stem keeps its fan-in initialisation (std 0.02 would shrink the signal layer by layer).
+    first = stem.layers[0].weight.detach().clone()
+    init_from_scratch(net.vision, g)
+    assert torch.equal(stem.layers[0].weight, first)
+    assert net.vision.vit.encoder.layers[0].mlp.fc1.weight.std() < 0.03
+    inputs = batch(net, n=2)
+    with torch.inference_mode():
+        z = net.encode_regions(inputs[0], inputs[1])
+        again = DynRefer.from_pretrained(net.save_pretrained(tmp_path / "stem"), device="cpu")
+        assert again.config.vision_stem == "conv"
+        assert torch.equal(again.encode_regions(inputs[0], inputs[1]), z)
+    with pytest.raises(ValueError, match="vision_stem='conv' needs an even patch_size"):
+        dataclasses.replace(DynReferConfig.tiny(), vision_stem="conv", patch_size=7, image_size=63).validate()
+    with pytest.raises(ValueError, match="use 'linear' or 'conv'"):
+        dataclasses.replace(DynReferConfig.tiny(), vision_stem="cnn").validate()

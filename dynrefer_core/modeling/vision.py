@@ -46,6 +46,35 @@ def sincos_position_embedding(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
 
 
+class ConvStem(nn.Module):
+    """A convolutional patch embedding: the same (B, C, G, G) token grid as the linear P x P one.
+
+    P/2-px sub-patches (a linear embedding to C/2 channels), a 3 x 3 convolution over them, then each 2 x 2
+    block merged into one token, which thus sees its P x P patch and P/2 px around it (Xiao et al. 2021,
+    "Early convolutions help transformers see better").
+    A linear P x P embedding cannot tell shapes apart inside one patch, and a neighbour in the context views
+    the pHASH rule picks is one or two 14-px patches wide (DynRefer-mini: README). Costs about as much as
+    one more ViT block at S = 112.
+    """
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        half = patch_size // 2
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, width // 2, kernel_size=half, stride=half), nn.GELU(),
+            nn.Conv2d(width // 2, width, kernel_size=3, padding=1), nn.GELU(),
+            nn.Conv2d(width, width, kernel_size=2, stride=2),
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The last layer's weight: `Blip2VisionEmbeddings` reads the stem's dtype from `.weight`."""
+        return self.layers[-1].weight
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.layers(pixel_values)
+
+
 class VisionEncoder(nn.Module):
     """Pixels of every view -> (CLS_k, RoI map X_k) per view.
 
@@ -57,6 +86,8 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.grid = config.grid_size
         self.vit = Blip2VisionModel(vision_config(config))
+        if config.vision_stem == "conv":
+            self.vit.embeddings.patch_embedding = ConvStem(config.vision_width, config.patch_size)
         self.roi_align = RoIAlign(output_size=self.grid, spatial_scale=1.0 / config.patch_size,
                                   sampling_ratio=2, aligned=False)
 
