@@ -16,6 +16,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -605,6 +606,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     loaded = load_model(args.checkpoint, args.device)
     print(loaded.banner(), flush=True)
+    # Spaces and Docker stop the app with SIGTERM, which would skip the exit handlers: exit normally instead,
+    # so that the downloads' folder is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     build_app(loaded).launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
 
 
