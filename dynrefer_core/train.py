@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .data.annotations import RegionAnnotations, load_annotations
 from .data.dataset import RegionDataset, collate_regions
 from .modeling.losses import asymmetric_loss
-from .modeling.vision import sincos_position_embedding
+from .modeling.vision import ConvStem, sincos_position_embedding
 from .runtime import choose_device, choose_dtype
 
 DEFAULTS: dict[str, Any] = {
@@ -162,8 +162,9 @@ def init_from_scratch(module: torch.nn.Module, grid: int, std: float = 0.02) -> 
     shape, size and relations never are. The table therefore starts as a 2-D sin-cos table (still trained).
     A conv stem keeps PyTorch's fan-in initialisation: at std 0.02 each of its layers would shrink the signal.
     """
+    stem = {id(p) for m in module.modules() if isinstance(m, ConvStem) for p in m.parameters()}
     for name, p in module.named_parameters():
-        if "patch_embedding.layers." in name:
+        if id(p) in stem:
             continue
         if "position_embedding" in name:
             with torch.no_grad():
