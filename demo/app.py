@@ -367,12 +367,13 @@ def describe_json(loaded: LoadedModel, image: PIL.Image.Image, boxes: list, phra
 
 
 DOWNLOAD_MAX_AGE_S = 3600  # as Gradio's own cache (`delete_cache` below): Gradio serves its copy of the file
+DOWNLOAD_PREFIX = "dynrefer-"  # what `prune_downloads` may delete: the JSON downloads `on_describe` writes
 
 
 def prune_downloads(workdir: Path, max_age_s: float = DOWNLOAD_MAX_AGE_S) -> None:
     """Delete JSON downloads older than `max_age_s`, so that a long-running Space does not fill its disk."""
     cutoff = time.time() - max_age_s
-    for old in workdir.glob("dynrefer-*.json"):
+    for old in workdir.glob(f"{DOWNLOAD_PREFIX}*.json"):
         try:
             if old.stat().st_mtime < cutoff:
                 old.unlink()
@@ -392,7 +393,7 @@ def on_describe(loaded: LoadedModel, workdir: Path, value: dict | None, phrases:
     annotations = [(tuple(int(round(v)) for v in box), f"{i}: {region['caption']}")
                    for i, (box, region) in enumerate(zip(boxes, payload["regions"]), 1)]
     prune_downloads(workdir)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="dynrefer-", dir=workdir, delete=False) as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix=DOWNLOAD_PREFIX, dir=workdir, delete=False) as f:
         json.dump(payload, f, indent=2)
     return (cards, gr.update(value=(image, annotations), visible=True), gr.update(value=f.name, visible=True),
             payload)
