@@ -143,3 +143,40 @@ def test_phash_view_ratio_mixes_inference_views_into_training(mini_data):
         RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, phash_view_ratio=-0.1)
     with pytest.raises(ValueError, match="random training views"):
         RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, strategy="phash", phash_view_ratio=0.5)
+
+
+def test_context_objects_list_the_other_objects_inside_each_context_view(mini_data):
+    train = mini_data.split("train")
+    classes = list(train.categories)
+    ds = RegionDataset(train, tag_vocabulary(), image_size=100, n_views=3, seed=1, object_classes=classes)
+    assert ds[0].context_objects is not None
+    assert RegionDataset(train, tag_vocabulary(), image_size=100, n_views=3)[0].context_objects is None
+    region = train.regions[0]
+    others = [o for o in train.by_image()[region.image_id] if o.id != region.id]
+    W, H = train.images[region.image_id].width, train.images[region.image_id].height
+    x1, y1, x2, y2 = (int(v) for v in region.box)
+    # view 1 is the whole image: every other object, scaled to 100 px; view 2 is the region's own box: none
+    # of the generated neighbours lies 80 % inside it; view 0 (the tight view) is never used
+    rows = ds.objects_in_views(region, [(x1, y1, x2, y2), (0, 0, W, H), (x1, y1, x2, y2)])
+    assert rows[:, 0].tolist() == [1.0] * len(others)
+    for row, o in zip(rows.tolist(), others):
+        assert row[1:5] == pytest.approx([o.box[0] * 100 / W, o.box[1] * 100 / H, o.box[2] * 100 / W,
+                                          o.box[3] * 100 / H], abs=1e-4)
+        assert classes[int(row[5])] == o.category
+    # a view that holds 90 % of another object lists it (clipped to the view), one that holds 70 % does not
+    o = others[0]
+    ox1, oy1, ox2, oy2 = o.box
+
+    def listed(u1):
+        rows = ds.objects_in_views(region, [(0, 0, 1, 1), (u1, 0, W, H)]).tolist()
+        want = [1.0, 0.0, oy1 * 100 / H, (ox2 - u1) * 100 / (W - u1), oy2 * 100 / H, classes.index(o.category)]
+        return any(r == pytest.approx(want, abs=1e-4) for r in rows)
+
+    assert listed(ox1 + 0.1 * (ox2 - ox1)) and not listed(ox1 + 0.3 * (ox2 - ox1))
+
+    batch = collate_regions([ds[i] for i in range(3)])
+    counts = [len(ds[i].context_objects) for i in range(3)]
+    assert batch.context_objects.shape == (sum(counts), 7)
+    assert batch.context_objects[:, 0].tolist() == [float(i) for i, c in enumerate(counts) for _ in range(c)]
+    assert "context_objects" not in batch.model_inputs()  # the model's forward does not take it
+    assert torch.equal(batch.to(torch.device("cpu")).context_objects, batch.context_objects)

@@ -220,3 +220,50 @@ def test_probe_loss_kept_in_the_main_phase_adds_to_the_methods_losses_and_resume
     T.train(tiny_cfg(tiny_data, tmp_path / "plain", eval_every=0), stop_after=2)
     with pytest.raises(ValueError, match="holds no probe weights"):
         T.train(tiny_cfg(tiny_data, tmp_path / "plain", **kw), resume=True)
+
+
+def test_object_probe_reads_the_other_objects_in_the_context_views(tiny_data, tmp_path):
+    from dynrefer_core.data.annotations import load_annotations
+    from dynrefer_core.data.dataset import RegionDataset, collate_regions
+
+    cfg = tiny_cfg(tiny_data, tmp_path / "w")
+    train_ann = load_annotations(tiny_data).split("train")
+    classes = list(train_ann.categories)
+    torch.manual_seed(0)
+    model = T.build_model(cfg, train_ann).eval()
+    ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
+                       n_views=model.config.n_views, strategy="random", object_classes=classes)
+    batch = collate_regions([ds[i] for i in range(4)])
+    assert len(batch.context_objects) > 0
+    inputs = batch.model_inputs()
+    plain = T.EncoderWarmup(model, len(model.vocabulary.tags))
+    probed = T.EncoderWarmup(model, len(model.vocabulary.tags), object_classes=len(classes), object_weight=2.0)
+    probed.probe.load_state_dict(plain.probe.state_dict())
+    with torch.no_grad():
+        z, rois, grid = probed.encode(inputs["pixel_values"], inputs["boxes"])
+        assert grid.shape == rois.shape  # the whole token map of every view, (N, n, C, G, G)
+        ce = float(probed.object_loss(grid, batch.context_objects))
+        assert float(probed(**inputs, context_objects=batch.context_objects)) == pytest.approx(
+            float(plain(**inputs)) + 2.0 * ce, rel=1e-5)
+    with pytest.raises(ValueError, match="context_objects"):
+        probed(**inputs)
+
+    # the object loss alone trains the ViT, through the context views only (view 0 holds no other objects)
+    z, rois, grid = probed.encode(inputs["pixel_values"], inputs["boxes"])
+    grid.retain_grad()
+    probed.object_loss(grid, batch.context_objects).backward()
+    per_view = grid.grad.abs().sum(dim=(0, 2, 3, 4))
+    assert per_view[0] == 0 and torch.all(per_view[1:] > 0)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
+    assert probed.object_probe.weight.grad.abs().sum() > 0
+
+    # in training: logged, its weights saved with the other probes; refused where no warm-up probe runs
+    kw = dict(eval_every=0, encoder_warmup_steps=2, encoder_object_probe_weight=1.0, encoder_probe_weight=0.5)
+    T.train(tiny_cfg(tiny_data, tmp_path / "full", **kw))
+    log = (tmp_path / "full" / "train_log.txt").read_text()
+    assert "object probe" in log and "step 4/4" in log
+    state = torch.load(tmp_path / "full" / "trainer_state.pt", weights_only=False)
+    assert {"object_probe.weight", "object_probe.bias"} <= set(state["probes"])
+    assert state["probes"]["object_probe.weight"].shape[0] == len(classes)
+    with pytest.raises(ValueError, match="probe of the encoder warm-up"):
+        T.train(tiny_cfg(tiny_data, tmp_path / "none", encoder_object_probe_weight=1.0))

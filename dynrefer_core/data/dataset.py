@@ -17,6 +17,8 @@ from torch.utils.data import Dataset
 from ..views import load_image, plan_views_batch, render_views
 from .annotations import Region, RegionAnnotations
 
+OBJECT_INSIDE = 0.8  # share of another object's box inside a context view for the object probe to use it
+
 
 def tag_target(tags: Sequence[str], vocabulary: dict[str, int]) -> torch.Tensor:
     """Multi-hot (V,) over the model's tag vocabulary; tags outside it are dropped (as the release does
@@ -40,6 +42,9 @@ class RegionBatch:
     regions: list[Region] = field(default_factory=list)
     selected_ts: list[list[float]] = field(default_factory=list)
     rtc_texts: list[str] | None = None  # what the region-text loss matches; None: the captions
+    # Other annotated objects inside the context views, for the training-only object probe
+    # (`RegionDataset(object_classes=...)`): (K, 7) rows (sample i, view k, x1, y1, x2, y2 in view pixels, class).
+    context_objects: torch.Tensor | None = None
 
     def model_inputs(self) -> dict:
         inputs = {"pixel_values": self.pixel_values, "boxes": self.boxes, "captions": self.captions,
@@ -49,8 +54,9 @@ class RegionBatch:
         return inputs
 
     def to(self, device: torch.device) -> "RegionBatch":
+        objects = None if self.context_objects is None else self.context_objects.to(device)
         return RegionBatch(self.pixel_values.to(device), self.boxes.to(device), self.captions,
-                           self.tag_targets.to(device), self.regions, self.selected_ts, self.rtc_texts)
+                           self.tag_targets.to(device), self.regions, self.selected_ts, self.rtc_texts, objects)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -65,6 +71,7 @@ class RegionSample:
     region: Region
     selected_ts: list[float]
     rtc_text: str | None = None
+    context_objects: torch.Tensor | None = None  # (M, 6): view k, x1, y1, x2, y2 (view pixels), class
 
 
 def collate_regions(samples: Sequence[RegionSample]) -> RegionBatch:
@@ -73,9 +80,13 @@ def collate_regions(samples: Sequence[RegionSample]) -> RegionBatch:
     rtc_texts = None
     if any(s.rtc_text is not None for s in samples):
         rtc_texts = [s.caption if s.rtc_text is None else s.rtc_text for s in samples]
+    objects = None
+    if any(s.context_objects is not None for s in samples):
+        objects = torch.cat([torch.cat([torch.full((len(s.context_objects), 1), float(i)), s.context_objects], 1)
+                             for i, s in enumerate(samples) if s.context_objects is not None])
     return RegionBatch(torch.stack([s.pixel_values for s in samples]), torch.stack([s.boxes for s in samples]),
                        [s.caption for s in samples], torch.stack([s.tag_target for s in samples]),
-                       [s.region for s in samples], [s.selected_ts for s in samples], rtc_texts)
+                       [s.region for s in samples], [s.selected_ts for s in samples], rtc_texts, objects)
 
 
 class RegionDataset(Dataset):
@@ -93,11 +104,16 @@ class RegionDataset(Dataset):
     (pHASH selection, spec 2) instead of uniformly random ones. The release trains on random views only, but
     pHASH almost always picks t = 0.1 and 0.2 (spec 2.4), which random sampling shows in only 1 of 45 pairs;
     a model trained from scratch on a short budget then learns size and neighbours in views it never gets.
+
+    `object_classes`: also list, per sample, the other annotated regions of the image whose category is one of
+    these and which lie at least `OBJECT_INSIDE` inside a context view (k >= 1), with their boxes in that view's
+    pixels (`RegionSample.context_objects`), for the trainer's object probe (`train.encoder_object_probe_weight`).
     """
 
     def __init__(self, annotations: RegionAnnotations, tag_vocabulary: Sequence[str], *, image_size: int,
                  n_views: int, strategy: str = "random", ts: Sequence[float] | None = None, alpha: float = 1.0,
-                 seed: int = 0, class_prompt_ratio: float = 0.0, phash_view_ratio: float = 0.0) -> None:
+                 seed: int = 0, class_prompt_ratio: float = 0.0, phash_view_ratio: float = 0.0,
+                 object_classes: Sequence[str] | None = None) -> None:
         if not annotations.regions:
             raise ValueError("the annotation file (or split) has no regions")
         self.ann = annotations
@@ -113,6 +129,8 @@ class RegionDataset(Dataset):
         if phash_view_ratio > 0 and strategy != "random":
             raise ValueError(f"phash_view_ratio mixes pHASH into random training views; strategy is {strategy!r}")
         self.phash_view_ratio = phash_view_ratio
+        self.object_classes = None if object_classes is None else {c: i for i, c in enumerate(object_classes)}
+        self._by_image = annotations.by_image() if object_classes is not None else {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -136,8 +154,32 @@ class RegionDataset(Dataset):
         if self.class_prompt_ratio > 0 and r.category:
             pick = random.Random((self.seed * 7_368_787 + self.epoch) * 1_000_033 + index).random()
             rtc_text = f"the {r.category.lower()}" if pick < self.class_prompt_ratio else r.caption
+        objects = None
+        if self.object_classes is not None:
+            objects = self.objects_in_views(r, [v.crop_box for v in plan.views])
         return RegionSample(views.pixel_values[0], views.boxes[0], r.caption, tag_target(r.tags, self.vocab), r,
-                            list(plan.selected_ts), rtc_text)
+                            list(plan.selected_ts), rtc_text, objects)
+
+    def objects_in_views(self, region: Region, crops: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(M, 6) rows (k, x1, y1, x2, y2, class): each other region of the image with a known category that
+        lies at least `OBJECT_INSIDE` inside view k >= 1 (crop box (u1, v1, u2, v2)), its box clipped to the
+        crop and scaled to the view's `image_size` pixels."""
+        rows = []
+        for k, (u1, v1, u2, v2) in enumerate(crops):
+            if k == 0:
+                continue  # the tight view shows the region itself only
+            sx, sy = self.image_size / (u2 - u1), self.image_size / (v2 - v1)
+            for o in self._by_image[region.image_id]:
+                cls = self.object_classes.get(o.category) if o.category else None
+                if o.id == region.id or cls is None:
+                    continue
+                x1, y1, x2, y2 = o.box
+                inside = max(0.0, min(u2, x2) - max(u1, x1)) * max(0.0, min(v2, y2) - max(v1, y1))
+                if inside < OBJECT_INSIDE * (x2 - x1) * (y2 - y1):
+                    continue
+                rows.append([k, (max(x1, u1) - u1) * sx, (max(y1, v1) - v1) * sy, (min(x2, u2) - u1) * sx,
+                             (min(y2, v2) - v1) * sy, cls])
+        return torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
 
 
 def iter_image_batches(annotations: RegionAnnotations, tag_vocabulary: Sequence[str], *, image_size: int,

@@ -145,8 +145,10 @@ class DynRefer(nn.Module):
         """Views (N, n, 3, S, S) and per-view region boxes (N, n, 4) -> z = x_v (N, num_query_tokens, D)."""
         return self.fuse_views(*self.embed_views(pixel_values, boxes))
 
-    def embed_views(self, pixel_values: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ViT on every view: CLS tokens (N, n, C) and the region's RoI maps X_k (N, n, C, G, G)."""
+    def embed_views(self, pixel_values: torch.Tensor, boxes: torch.Tensor,
+                    return_grid: bool = False) -> tuple[torch.Tensor, ...]:
+        """The ViT on every view: CLS tokens (N, n, C) and the region's RoI maps X_k (N, n, C, G, G); with
+        `return_grid` also each view's whole token map (N, n, C, G, G), for the trainer's object probe."""
         c = self.config
         if pixel_values.dim() != 5 or pixel_values.shape[1:] != (c.n_views, 3, c.image_size, c.image_size):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
@@ -157,8 +159,8 @@ class DynRefer(nn.Module):
         pixel_values = pixel_values.to(self.device)
         boxes = boxes.to(self.device, torch.float32)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not c.freeze_vision):
-            cls, rois = self.vision(pixel_values.flatten(0, 1), boxes.flatten(0, 1))
-        return cls.reshape(n, v, -1), rois.reshape(n, v, *rois.shape[1:])
+            out = self.vision(pixel_values.flatten(0, 1), boxes.flatten(0, 1), return_grid=return_grid)
+        return (out[0].reshape(n, v, -1), *(x.reshape(n, v, *x.shape[1:]) for x in out[1:]))
 
     def fuse_views(self, cls: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """Align the context maps to the reference X_0, fuse all views, compress with the Q-Former -> z."""

@@ -96,16 +96,22 @@ class VisionEncoder(nn.Module):
         dtype = self.vit.embeddings.patch_embedding.weight.dtype
         return self.vit(pixel_values=pixel_values.to(dtype)).last_hidden_state
 
-    def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_grid(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS tokens (B, C) and the spatial tokens as a (B, C, G, G) map, both fp32 (the release casts ViT
+        features to fp32 before RoI-Align and fusion, predict_answers)."""
         tokens = self.tokens(pixel_values)
         b, length, c = tokens.shape
         if length != 1 + self.grid * self.grid:
             raise ValueError(f"ViT gave {length} tokens, expected 1 + {self.grid}^2 for this image size")
-        cls = tokens[:, 0]
         grid = tokens[:, 1:].transpose(1, 2).reshape(b, c, self.grid, self.grid)
+        return tokens[:, 0].float(), grid.float()
+
+    def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor,
+                return_grid: bool = False) -> tuple[torch.Tensor, ...]:
+        """(cls, RoI maps), plus the token map when `return_grid` (training probes RoI-align it elsewhere)."""
+        cls, grid = self.token_grid(pixel_values)
         # One RoI per view image, indexed by its own batch position.
         boxes = boxes.float()
-        index = torch.arange(b, device=boxes.device, dtype=boxes.dtype)[:, None]
-        rois = torch.cat([index, boxes], dim=1).float()
-        # The release casts ViT features to fp32 before RoI-Align and fusion (predict_answers).
-        return cls.float(), self.roi_align(grid.float(), rois)
+        index = torch.arange(grid.shape[0], device=boxes.device, dtype=boxes.dtype)[:, None]
+        rois = self.roi_align(grid, torch.cat([index, boxes], dim=1).float())
+        return (cls, rois, grid) if return_grid else (cls, rois)
