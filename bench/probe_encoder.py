@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from dynrefer_core.data.annotations import load_annotations
 from dynrefer_core.modeling.dynrefer import DynRefer
-from dynrefer_core.views import plan_views_batch, render_views
+from dynrefer_core.views import box_in_view, plan_views_batch, render_views
 from dynrefer_core.views.imageio import load_image
 
 SLOTS = ("size", "colour", "pattern", "category", "relation", "neighbour colour", "neighbour category")
@@ -47,17 +47,6 @@ def slot_labels(record: dict, by_id: dict[int, dict]) -> list[str]:
     a = info["attributes"]
     return [a["size"], a["colour"], a["pattern"], info["coco_result"]["category"], info["relation"]["relation"],
             neighbour["attributes"]["colour"], neighbour["coco_result"]["category"]]
-
-
-def inside_box(box: tuple[float, ...], crop: tuple[int, ...], size: int) -> tuple[list[float], float]:
-    """`box` in the S-pixel coordinates of the view cropped at `crop` (clipped to it) and the share inside."""
-    u1, v1, u2, v2 = crop
-    x1, y1, x2, y2 = box
-    ix, iy = max(0.0, min(u2, x2) - max(u1, x1)), max(0.0, min(v2, y2) - max(v1, y1))
-    share = ix * iy / max(1e-6, (x2 - x1) * (y2 - y1))
-    sx, sy = size / (u2 - u1), size / (v2 - v1)
-    clipped = [(max(x1, u1) - u1) * sx, (max(y1, v1) - v1) * sy, (min(x2, u2) - u1) * sx, (min(y2, v2) - v1) * sy]
-    return clipped, share
 
 
 @torch.no_grad()
@@ -78,30 +67,29 @@ def collect(model: DynRefer, annotations_file: str, split: str, max_images: int 
         image = load_image(ann.images[image_id].path)
         plans = plan_views_batch(image, [r.box for r in regions], c.n_views, "phash")
         views = render_views(image, plans, c.image_size)
-        cls, rois = model.embed_views(views.pixel_values, views.boxes)
+        cls, rois, grid = model.embed_views(views.pixel_values, views.boxes, return_grid=True)
         n, v = cls.shape[:2]
-        aligned = model.align(rois[:, 1:].flatten(0, 1), rois[:, 0].repeat_interleave(v - 1, 0))
-        aligned = aligned.reshape(n, v - 1, *rois.shape[2:])
-        fused = model.fusion(cls, torch.cat([rois[:, :1], aligned], 1))
+        maps = model.align_views(rois)
+        aligned = maps[:, 1:]
+        fused = model.fusion(cls, maps)
         for name, f in zip(feats, (rois[:, 1:].mean((1, 3, 4)), aligned.mean((1, 3, 4)), cls[:, 1:].mean(1),
                                    rois[:, 0].mean((2, 3)), fused.mean(1), model.qformer(fused).flatten(1))):
             feats[name].append(f.float().cpu())
-        # The same views RoI-aligned at the neighbour's box (view 0, the tight crop, never shows it).
-        neighbour_boxes = views.boxes.clone()
-        keep = torch.zeros(n, v, dtype=torch.bool)
+        # The same token maps RoI-aligned at the neighbour's box (view 0, the tight crop, never shows it).
+        kept: list[tuple[int, int, list[float]]] = []
         image_labels = [slot_labels(by_id[r.id], by_id) for r in regions]
         labels += image_labels
         for i, (region, plan) in enumerate(zip(regions, plans)):
             neighbour = by_id[by_id[region.id]["extra_info"]["relation"]["neighbour_id"]]["bbox"]
             for k, view in enumerate(plan.views[1:], start=1):
-                box, share = inside_box(tuple(neighbour), tuple(view.crop_box), c.image_size)
+                box, share = box_in_view(neighbour, view.crop_box, c.image_size)
                 if share >= INSIDE:
-                    neighbour_boxes[i, k] = torch.tensor(box)
-                    keep[i, k] = True
-        if keep.any():
-            _, at_neighbour = model.embed_views(views.pixel_values, neighbour_boxes)
-            for i, k in keep.nonzero().tolist():
-                place["neighbour's box"].append(at_neighbour[i, k].mean((1, 2)).float().cpu())
+                    kept.append((i, k, box))
+        if kept:
+            index = torch.tensor([[i * v + k, *box] for i, k, box in kept])
+            at_neighbour = model.vision.roi_align(grid.flatten(0, 1), index)
+            for (i, k, _), m in zip(kept, at_neighbour):
+                place["neighbour's box"].append(m.mean((1, 2)).float().cpu())
                 place["region's box, same views"].append(rois[i, k].mean((1, 2)).float().cpu())
                 place["labels"].append([image_labels[i][3], image_labels[i][6]])
     return {k: torch.cat(f).numpy() for k, f in feats.items()}, np.array(labels), place

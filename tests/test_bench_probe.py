@@ -31,13 +31,6 @@ def test_slot_labels_are_the_caption_words(data):
                                 f"{'an' if n_colour[0] in 'aeiou' else 'a'} {n_colour} {n_category}")
 
 
-def test_inside_box_maps_to_view_pixels_and_measures_the_share():
-    box, share = P.inside_box((20, 30, 40, 50), (10, 10, 110, 60), 112)  # crop 100 x 50 px -> 112 x 112
-    assert share == 1.0 and box == pytest.approx([11.2, 44.8, 33.6, 89.6])
-    box, share = P.inside_box((100, 20, 120, 40), (10, 10, 110, 60), 112)  # half of it right of the crop
-    assert share == 0.5 and box == pytest.approx([100.8, 22.4, 112.0, 67.2])
-
-
 def test_probe_is_nan_without_two_classes_and_fits_separable_data():
     import numpy as np
 

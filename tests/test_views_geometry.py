@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dynrefer_core.views import CANDIDATE_TS, crop_boxes, region_box, view_boxes
+from dynrefer_core.views import CANDIDATE_TS, box_in_view, crop_boxes, region_box, view_boxes
 from dynrefer_core.views.geometry import map_box_to_view
 
 
@@ -92,3 +92,11 @@ def test_reference_rounding_matches_torchvision_box_resize():
         tv = tv_tensors.BoundingBoxes(shifted[None], format="XYXY", canvas_size=(int(h), int(w)))
         expected = TF.resize(tv, [224, 224]).data.to(torch.float32)[0].numpy()
         np.testing.assert_array_equal(map_box_to_view(base, view, 224, "reference"), expected)
+
+
+def test_box_in_view_maps_to_view_pixels_and_measures_the_share():
+    box, share = box_in_view((20, 30, 40, 50), (10, 10, 110, 60), 112)  # crop 100 x 50 px -> 112 x 112
+    assert share == 1.0 and box == pytest.approx([11.2, 44.8, 33.6, 89.6])
+    box, share = box_in_view((100, 20, 120, 40), (10, 10, 110, 60), 112)  # half of it right of the crop
+    assert share == 0.5 and box == pytest.approx([100.8, 22.4, 112.0, 67.2])
+    assert box_in_view((0, 0, 5, 5), (10, 10, 20, 20), 112)[1] == 0.0  # wholly outside

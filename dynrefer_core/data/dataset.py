@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from ..views import load_image, plan_views_batch, render_views
+from ..views import box_in_view, load_image, plan_views_batch, render_views
 from .annotations import Region, RegionAnnotations
 
 OBJECT_INSIDE = 0.8  # share of another object's box inside a context view for the object probe to use it
@@ -165,20 +165,16 @@ class RegionDataset(Dataset):
         lies at least `OBJECT_INSIDE` inside view k >= 1 (crop box (u1, v1, u2, v2)), its box clipped to the
         crop and scaled to the view's `image_size` pixels."""
         rows = []
-        for k, (u1, v1, u2, v2) in enumerate(crops):
+        for k, crop in enumerate(crops):
             if k == 0:
                 continue  # the tight view shows the region itself only
-            sx, sy = self.image_size / (u2 - u1), self.image_size / (v2 - v1)
             for o in self._by_image[region.image_id]:
                 cls = self.object_classes.get(o.category) if o.category else None
                 if o.id == region.id or cls is None:
                     continue
-                x1, y1, x2, y2 = o.box
-                inside = max(0.0, min(u2, x2) - max(u1, x1)) * max(0.0, min(v2, y2) - max(v1, y1))
-                if inside < OBJECT_INSIDE * (x2 - x1) * (y2 - y1):
-                    continue
-                rows.append([k, (max(x1, u1) - u1) * sx, (max(y1, v1) - v1) * sy, (min(x2, u2) - u1) * sx,
-                             (min(y2, v2) - v1) * sy, cls])
+                box, share = box_in_view(o.box, crop, self.image_size)
+                if share >= OBJECT_INSIDE:
+                    rows.append([k, *box, cls])
         return torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
 
 

@@ -164,13 +164,16 @@ class DynRefer(nn.Module):
 
     def fuse_views(self, cls: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """Align the context maps to the reference X_0, fuse all views, compress with the Q-Former -> z."""
-        n, v = cls.shape[:2]
+        return self.qformer(self.fusion(cls, self.align_views(rois)))
+
+    def align_views(self, rois: torch.Tensor) -> torch.Tensor:
+        """RoI maps (N, n, C, G, G) -> [X_0, Y_1, ..., Y_{n-1}]: each context map X_k aligned to X_0."""
+        n, v = rois.shape[:2]
+        if v == 1:
+            return rois
         reference = rois[:, 0]
-        if v > 1:
-            context = rois[:, 1:].flatten(0, 1)
-            aligned = self.align(context, reference.repeat_interleave(v - 1, dim=0))
-            rois = torch.cat([reference[:, None], aligned.reshape(n, v - 1, *aligned.shape[1:])], dim=1)
-        return self.qformer(self.fusion(cls, rois))
+        aligned = self.align(rois[:, 1:].flatten(0, 1), reference.repeat_interleave(v - 1, dim=0))
+        return torch.cat([reference[:, None], aligned.reshape(n, v - 1, *aligned.shape[1:])], dim=1)
 
     # ------------------------------------------------------------------ decoders
     def tag_logits(self, z: torch.Tensor) -> torch.Tensor:

@@ -94,3 +94,15 @@ def map_box_to_view(base_crop: np.ndarray, view_crop: np.ndarray, size: int, rou
         raise ValueError(f"rounding={rounding!r}: use 'none' or 'reference'")
     scale = np.array([w, h, w, h], dtype=np.float64)
     return (shifted.astype(np.float64) * size / scale).astype(np.float32)
+
+
+def box_in_view(box: Sequence[float], crop: Sequence[float], size: int) -> tuple[list[float], float]:
+    """Any image box (x1, y1, x2, y2), e.g. another object's, in the ``size``-pixel coordinates of the view cropped
+    at ``crop`` = (u1, v1, u2, v2): clipped to the crop and scaled like the view. Also the share of the box's
+    area inside the crop (0 for a box wholly outside, whose clipped coordinates are then meaningless)."""
+    u1, v1, u2, v2 = (float(v) for v in crop)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    inside = max(0.0, min(u2, x2) - max(u1, x1)) * max(0.0, min(v2, y2) - max(v1, y1))
+    sx, sy = size / (u2 - u1), size / (v2 - v1)
+    clipped = [(max(x1, u1) - u1) * sx, (max(y1, v1) - v1) * sy, (min(x2, u2) - u1) * sx, (min(y2, v2) - v1) * sy]
+    return clipped, inside / max(1e-6, (x2 - x1) * (y2 - y1))
