@@ -1,6 +1,10 @@
 """What each stage of a DynRefer-mini encoder carries: linear probes on frozen features (the README's probe table).
 
-    .venv/bin/python bench/probe_encoder.py --checkpoint checkpoints/mini --annotations data/mini/annotations.json
+    .venv/bin/python bench/probe_encoder.py --checkpoint checkpoints/mini --annotations data/mini/annotations.json \
+        --max-images 400 --out bench/results/mini_probes.md
+
+(The README's tables use the first 400 val images, the whole val split of the earlier 4000-image benchmark, so
+that they compare with the earlier models' numbers.)
 
 For every region of the split (views planned with pHASH, as the evaluate command does), the frozen model gives
 its features at each stage (context RoI maps X_k before and after alignment, the context views' CLS tokens, the

@@ -103,8 +103,8 @@ class LoadedModel:
             text += ("  \nThis is the bundled **DynRefer-mini**, trained here from scratch on generated scenes of 10 "
                      "shapes, 8 colours, 4 patterns and 3 sizes (its scores are in the README). It describes every "
                      "region in those words (of the neighbour each caption ends with, where it lies and its colour "
-                     "are mostly right, its shape is not): try the generated examples, and load the released weights "
-                     "with `--checkpoint` for photos.")
+                     "are mostly right, its shape about two times in five): try the generated examples, and load the "
+                     "released weights with `--checkpoint` for photos.")
         return text
 
 

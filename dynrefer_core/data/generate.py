@@ -1,6 +1,6 @@
 """Write a DynRefer-mini benchmark: images + `annotations.json` in the release's format (spec §5.3).
 
-    python -m dynrefer_core.data.generate --seed 0 --num-images 4000 --out data/mini
+    python -m dynrefer_core.data.generate --seed 0 --num-images 8000 --out data/mini
     python -m dynrefer_core.data.generate --seed 123 --num-images 300 --out data/check --split test
 
 With `--split all` (default) image i goes to val if i % 10 == 8, test if i % 10 == 9, else train; with
