@@ -90,16 +90,22 @@ def test_tiny_training_runs_logs_saves_and_reproduces(tiny_data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_continues_exactly(tiny_data, tmp_path):
-    T.train(tiny_cfg(tiny_data, tmp_path / "full", eval_every=0))
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_resume_continues_exactly(tiny_data, tmp_path, dtype):
+    from dynrefer_core.runtime import cpu_has_native_bf16
+
+    if dtype == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("bf16 on this CPU falls back to fp32 (configs/mini.yaml trains in bf16 where it can)")
+    T.train(tiny_cfg(tiny_data, tmp_path / "full", eval_every=0, dtype=dtype))
     # the same 4-step run, interrupted after step 2 (state saved there), then resumed
-    T.train(tiny_cfg(tiny_data, tmp_path / "half", eval_every=0), stop_after=2)
+    T.train(tiny_cfg(tiny_data, tmp_path / "half", eval_every=0, dtype=dtype), stop_after=2)
     assert torch.load(tmp_path / "half" / "trainer_state.pt", weights_only=False)["step"] == 2
-    T.train(tiny_cfg(tiny_data, tmp_path / "half", eval_every=0), resume=True)
+    T.train(tiny_cfg(tiny_data, tmp_path / "half", eval_every=0, dtype=dtype), resume=True)
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "half" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert "resumed from" in (tmp_path / "half" / "train_log.txt").read_text()
+    assert ("dtype torch.bfloat16" in (tmp_path / "full" / "train_log.txt").read_text()) == (dtype == "bf16")
     assert _log_losses(tmp_path / "full")[2:] == _log_losses(tmp_path / "half")[2:]
 
 
