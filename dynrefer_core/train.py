@@ -289,8 +289,10 @@ class EncoderWarmup(torch.nn.Module):
         n_views = grid.shape[1]
         objects = context_objects.to(grid.device, torch.float32)
         index = objects[:, 0] * n_views + objects[:, 1]  # the (sample, view) map in the flattened batch
+        region_roi = self.model.vision.roi_align  # its scale and sampling, at a 2 x 2 output
         maps = roi_align(grid.flatten(0, 1).float(), torch.cat([index[:, None], objects[:, 2:6]], 1), output_size=2,
-                         spatial_scale=1.0 / self.model.config.patch_size, sampling_ratio=2)
+                         spatial_scale=region_roi.spatial_scale, sampling_ratio=region_roi.sampling_ratio,
+                         aligned=region_roi.aligned)
         return torch.nn.functional.cross_entropy(self.object_probe(maps.flatten(1)), objects[:, 6].long())
 
     def probe_state(self) -> dict:
