@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as v2F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dynrefer_core.views import (CLIP_MEAN, CLIP_STD, contact_sheet, draw_views, plan_views, plan_views_batch,
+from dynrefer_core.views import (CLIP_MEAN, CLIP_STD, ViewOptions, contact_sheet, draw_views, plan_views, plan_views_batch,
                                  render_views)
 
 
@@ -171,12 +171,12 @@ def bench_planning(image: Image.Image, repeats: int) -> None:
         boxes = random_boxes(n, image.width, image.height, seed=n)
         literal = [literal_plan(image, b) for b in boxes]
         single = [plan_views(image, b) for b in boxes]
-        batch = plan_views_batch(image, boxes)
+        batch = plan_views_batch(image, boxes, ViewOptions(n_views=3))
         assert all(same(p, lit) for p, lit in zip(single, literal)), "plan_views differs from the literal loop"
         assert all(same(p, lit) for p, lit in zip(batch, literal)), "plan_views_batch differs from the literal loop"
         t_lit = best_of(lambda: [literal_plan(image, b) for b in boxes], repeats) / n * 1e3
         t_one = best_of(lambda: [plan_views(image, b) for b in boxes], repeats) / n * 1e3
-        t_bat = best_of(lambda: plan_views_batch(image, boxes), repeats) / n * 1e3
+        t_bat = best_of(lambda: plan_views_batch(image, boxes, ViewOptions(n_views=3)), repeats) / n * 1e3
         print(f"| {n} | {t_lit:.2f} | {t_one:.2f} | {t_bat:.2f} | {t_lit / t_one:.1f}x | {t_lit / t_bat:.1f}x |")
     print()
 
@@ -187,7 +187,7 @@ def bench_rendering(image: Image.Image, repeats: int) -> None:
           f"| render_views {workers} workers ms/region | 1-worker speed-up | {workers}-worker speed-up |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in (10, 100):
-        plans = plan_views_batch(image, random_boxes(n, image.width, image.height, seed=n))
+        plans = plan_views_batch(image, random_boxes(n, image.width, image.height, seed=n), ViewOptions(n_views=3))
         expected = literal_render(image, plans)
         for w in (1, workers):
             assert torch.equal(render_views(image, plans, workers=w).pixel_values, expected), \

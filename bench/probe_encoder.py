@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from dynrefer_core.data.annotations import load_annotations
 from dynrefer_core.modeling.dynrefer import DynRefer
-from dynrefer_core.views import box_in_view, plan_views_batch, render_views
+from dynrefer_core.views import ViewOptions, box_in_view, prepare
 from dynrefer_core.views.imageio import load_image
 
 SLOTS = ("size", "colour", "pattern", "category", "relation", "neighbour colour", "neighbour category")
@@ -69,8 +69,8 @@ def collect(model: DynRefer, annotations_file: str, split: str, max_images: int 
     images = list(ann.by_image().items())[:max_images]
     for image_id, regions in tqdm(images, desc="probe features", unit="image"):
         image = load_image(ann.images[image_id].path)
-        plans = plan_views_batch(image, [r.box for r in regions], c.n_views, "phash")
-        views = render_views(image, plans, c.image_size)
+        views = prepare(image, [r.box for r in regions], ViewOptions().resolve(c), c.image_size)
+        plans = views.plans
         cls, rois, grid = model.embed_views(views.pixel_values, views.boxes, return_grid=True)
         n, v = cls.shape[:2]
         maps = model.align_views(rois)

@@ -50,8 +50,8 @@ from matplotlib.figure import Figure  # noqa: E402  (Figure, not pyplot: no glob
 from dynrefer_core.config import DynReferConfig  # noqa: E402
 from dynrefer_core.modeling.dynrefer import DynRefer  # noqa: E402
 from dynrefer_core.runtime import choose_device  # noqa: E402
-from dynrefer_core.views import (ImageLoadError, ViewPlan, draw_views, load_image, plan_views_batch,  # noqa: E402
-                                 render_views)
+from dynrefer_core.views import (BoxError, ImageLoadError, ViewOptions, ViewPlan, draw_views,  # noqa: E402
+                                 load_image, plan_views_batch)
 from dynrefer_core.views.drawing import SELECTED as CHOSEN  # noqa: E402  (one colour for chosen views everywhere)
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "mini"
@@ -140,9 +140,9 @@ def load_model(checkpoint: str | None = None, device: str | None = None) -> Load
 
 
 @gpu
-def run_describe(model: Any, image: PIL.Image.Image, boxes: list, phrases: list[str], options: dict) -> list:
+def run_describe(model: Any, image: PIL.Image.Image, boxes: list, phrases: list[str], options: ViewOptions) -> list:
     """The one GPU-bound call (at module level so that spaces.GPU can wrap it)."""
-    return model.describe(image, boxes, phrases, **options)
+    return model.describe(image, boxes, phrases, views=options)
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -188,13 +188,16 @@ def parse_ts(text: str | None) -> list[float] | None:
 
 
 def view_options(n_views: float, strategy: str, ts_text: str | None, hash_name: str, alpha: float,
-                 seed: float | None) -> dict:
-    """The view controls as keyword arguments of plan_views_batch and DynRefer.describe."""
+                 seed: float | None) -> ViewOptions:
+    """The view controls as the ViewOptions of plan_views_batch and DynRefer.describe."""
     ts = parse_ts(ts_text) if strategy == "fixed" else None
     if strategy == "fixed" and not ts:
         raise gr.Error("The 'fixed t' strategy needs t values, e.g. '0.3, 1.0' (0 = the box, 1 = the whole image).")
-    return {"n_views": len(ts) + 1 if ts else int(n_views), "strategy": strategy, "ts": ts, "hash_name": hash_name,
-            "alpha": float(alpha), "seed": None if seed is None else int(seed)}
+    try:
+        return ViewOptions(n_views=len(ts) + 1 if ts else int(n_views), strategy=strategy, ts=ts,
+                           hash_name=hash_name, alpha=float(alpha), seed=None if seed is None else int(seed))
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from None
 
 
 def read_image(src: Any) -> PIL.Image.Image:
@@ -229,23 +232,21 @@ def check_boxes(boxes: list, size: tuple[int, int], start: int = 1) -> None:
                            "coordinates are pixels of the original image. Redraw it (or fix the numbers).")
 
 
-def plan(image: PIL.Image.Image, boxes: list, options: dict, start: int = 1) -> list[ViewPlan]:
+def plan(image: PIL.Image.Image, boxes: list, options: ViewOptions, start: int = 1) -> list[ViewPlan]:
     """plan_views_batch, with its errors (e.g. a zero-area box) naming the box, numbered from `start`."""
     check_boxes(boxes, image.size, start)
     try:
-        return plan_views_batch(image, boxes, **options)
+        return plan_views_batch(image, boxes, options)
+    except BoxError as exc:
+        raise gr.Error(box_error_message(boxes, exc, start)) from None
     except ValueError as exc:
-        error = exc
-    try:  # the whole image is always a valid box: if it fails too, an option is wrong, not a box
-        plan_views_batch(image, [(0, 0, *image.size)], **options)
-    except ValueError:
-        raise gr.Error(str(error)) from None
-    for i, box in enumerate(boxes, start):  # find the box to blame (only after an error)
-        try:
-            plan_views_batch(image, [box], **options)
-        except ValueError as exc:
-            raise gr.Error(f"Box {i} ({', '.join(f'{v:g}' for v in box)}): {exc}") from None
-    raise gr.Error(str(error))
+        raise gr.Error(str(exc)) from None
+
+
+def box_error_message(boxes: list, exc: BoxError, start: int = 1) -> str:
+    """The planner's complaint about one box, numbered as the page numbers boxes (from `start`)."""
+    box = ", ".join(f"{v:g}" for v in boxes[exc.index])
+    return f"Box {start + exc.index} ({box}): {exc.reason}"
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -357,9 +358,11 @@ def describe_json(loaded: LoadedModel, image: PIL.Image.Image, boxes: list, phra
         raise gr.Error(loaded.error or "No model is loaded.")
     if not boxes:
         raise gr.Error("No box: draw at least one box on the image (or pass boxes as [[x1, y1, x2, y2]]).")
-    plan(image, boxes, options)  # names a bad box before the model runs
-    try:
+    check_boxes(boxes, image.size)
+    try:  # the one planning and rendering of this call
         results = run_describe(loaded.model, image, boxes, phrases, options)
+    except BoxError as exc:
+        raise gr.Error(box_error_message(boxes, exc)) from None
     except ValueError as exc:  # e.g. an n_views the model was not built for
         raise gr.Error(str(exc)) from None
     payload = {"model": loaded.to_dict(), "image_size": list(image.size), "regions": [r.to_dict() for r in results]}
@@ -386,9 +389,7 @@ def on_describe(loaded: LoadedModel, workdir: Path, value: dict | None, phrases:
     src, boxes = boxes_from_annotation(value)
     image = read_image(src)
     payload, results = describe_json(loaded, image, boxes, parse_phrases(phrases), view_options(*controls))
-    size = loaded.model.config.image_size
-    crops = render_views(image, [r.plan for r in results], size=size).crops  # the S x S pixels the model saw
-    cards = [{"index": i + 1, "region": region, "crops": crops[i], "ts": results[i].plan.selected_ts}
+    cards = [{"index": i + 1, "region": region, "crops": results[i].crops, "ts": results[i].plan.selected_ts}
              for i, region in enumerate(payload["regions"])]
     annotations = [(tuple(int(round(v)) for v in box), f"{i}: {region['caption']}")
                    for i, (box, region) in enumerate(zip(boxes, payload["regions"]), 1)]

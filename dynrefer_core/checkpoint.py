@@ -10,8 +10,9 @@ A model folder is self-contained:
     vocab/                     tags.txt, coco_classes.txt, attributes.txt
     text_tables.safetensors    cached text embeddings of the vocabulary (recomputed if stale)
 
-The release's `.pth` (LAVIS: `{"model": state_dict, ...}`) holds only the trainable families:
-cvem_align, cvem_mlp, cem_memory, tag_*, attr_*, Qformer.*, t5_proj. `load_official_state_dict` maps them
+The release's `.pth` (LAVIS: `{"model": state_dict, ...}`) holds the trainable families (cvem_align,
+cvem_mlp, cem_memory, tag_*, attr_*, Qformer.*, t5_proj) and, written by LAVIS's own writer, the two tied
+T5 embedding aliases. `load_official_state_dict` maps them
 onto this model strictly; `official_state_dict` exports them back under the release's names.
 """
 from __future__ import annotations
@@ -30,6 +31,10 @@ from .vocab import Vocabulary
 
 FORMAT = "dynrefer-core/1"
 IGNORED_RELEASE_KEYS = {"Qformer.bert.embeddings.position_ids"}
+# LAVIS's writer drops frozen parameters by the names of named_parameters(), which lists T5's shared
+# embedding once: its two aliases stay in the file (spec 6.3). They must equal our T5 input embeddings.
+TIED_T5_KEYS = ("t5_model.encoder.embed_tokens.weight", "t5_model.decoder.embed_tokens.weight")
+_T5_EMBEDDINGS = "language.t5.shared.weight"
 
 # (release prefix, our prefix); the first match wins. Q-Former layer internals are handled by _QFORMER.
 _PREFIXES = [
@@ -74,24 +79,27 @@ def _map(key: str, table) -> str | None:
     return None
 
 
-def release_to_ours(key: str, include_blip2: bool = True) -> str | None:
+def release_to_ours(key: str) -> str | None:
     """Our parameter name for a release key (None if the key is not one of the mapped families)."""
-    table = _PREFIXES + (_BLIP2_EXTRAS if include_blip2 else [])
-    return _map(key, table)
+    return _map(key, _PREFIXES + _BLIP2_EXTRAS)
 
 
-def ours_to_release(key: str, include_blip2: bool = False) -> str | None:
-    table = [(d, s) for s, d in _PREFIXES + (_BLIP2_EXTRAS if include_blip2 else [])]
-    return _map(key, table)
+def ours_to_release(key: str) -> str | None:
+    return _map(key, [(d, s) for s, d in _PREFIXES])
 
 
 def _trainable_names(model) -> list[str]:
     return [k for k in model.state_dict() if k.startswith(TRAINABLE_PREFIXES)]
 
 
-def official_state_dict(model, include_blip2: bool = False) -> dict[str, torch.Tensor]:
-    """The release's trainable families under the release's names (plus query_tokens and ln_vision if
-    `include_blip2`), detached copies on the CPU."""
+def official_state_dict(model, include_blip2: bool = False, tied_embeddings: bool = False
+                        ) -> dict[str, torch.Tensor]:
+    """The release's trainable families under the release's names, detached copies on the CPU.
+
+    `include_blip2`: also query_tokens and ln_vision (which the release takes from BLIP-2).
+    `tied_embeddings`: also the two T5 embedding aliases that LAVIS's writer keeps (spec 6.3), so that the
+    export is the file LAVIS itself would write.
+    """
     state = model.state_dict()
     out = {}
     for name in _trainable_names(model):
@@ -101,7 +109,16 @@ def official_state_dict(model, include_blip2: bool = False) -> dict[str, torch.T
             for name in state:
                 if name == dst or (dst.endswith(".") and name.startswith(dst)):
                     out[src + name[len(dst):]] = state[name].detach().cpu().clone()
+    if tied_embeddings:
+        for key in TIED_T5_KEYS:
+            out[key] = state[_T5_EMBEDDINGS].detach().cpu().clone()
     return out
+
+
+def _same_embeddings(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of the coarser of the two dtypes (the release stores T5 in bf16)."""
+    eps = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps) if a.is_floating_point() else 0.0
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=eps, atol=eps * 1e-3)
 
 
 def load_official_state_dict(model, checkpoint: dict) -> dict[str, list[str]]:
@@ -109,7 +126,9 @@ def load_official_state_dict(model, checkpoint: dict) -> dict[str, list[str]]:
 
     Strict on the trainable families: raises ValueError naming every missing, unexpected or wrongly
     shaped key before touching the model. `query_tokens` and `ln_vision.*` are loaded when present.
-    The BERT `position_ids` buffer is ignored. Returns {"loaded": [...], "blip2": [...]}.
+    The BERT `position_ids` buffer is ignored. The T5 embedding aliases that LAVIS's writer keeps
+    (`TIED_T5_KEYS`) are not loaded but checked: they must equal the model's T5 input embeddings (from
+    BLIP-2), else the file belongs to another language model. Returns {"loaded", "blip2", "tied"}.
     """
     if not isinstance(checkpoint, dict):
         raise ValueError(f"expected a dict checkpoint, got {type(checkpoint).__name__}")
@@ -118,9 +137,20 @@ def load_official_state_dict(model, checkpoint: dict) -> dict[str, list[str]]:
         raise ValueError("checkpoint['model'] is not a state dict of tensors")
     ours = model.state_dict()
     expected = set(_trainable_names(model))
-    unexpected, wrong_shape, wrong_names, mapped, blip2 = [], [], set(), {}, []
+    unexpected, wrong_shape, wrong_names, mapped, blip2, tied = [], [], set(), {}, [], []
     for key, value in state.items():
         if key in IGNORED_RELEASE_KEYS:
+            continue
+        if key in TIED_T5_KEYS:
+            embeddings = ours[_T5_EMBEDDINGS]
+            if tuple(value.shape) != tuple(embeddings.shape):
+                wrong_shape.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(embeddings.shape)}")
+            elif not _same_embeddings(value, embeddings):
+                raise ValueError(f"{key} differs from this model's T5 input embeddings ({_T5_EMBEDDINGS}): the "
+                                 "release was trained on another language model, or BLIP-2's FlanT5 is not "
+                                 "loaded yet (load it first, as convert does)")
+            else:
+                tied.append(key)
             continue
         name = release_to_ours(key)
         if name is None or name not in ours:
@@ -150,7 +180,7 @@ def load_official_state_dict(model, checkpoint: dict) -> dict[str, list[str]]:
         for name, value in mapped.items():
             target = params.get(name, buffers.get(name))
             target.copy_(value.to(target.dtype))
-    return {"loaded": sorted(mapped), "blip2": sorted(blip2)}
+    return {"loaded": sorted(mapped), "blip2": sorted(blip2), "tied": sorted(tied)}
 
 
 # ---------------------------------------------------------------------- model folders
@@ -208,11 +238,25 @@ def resolve_folder(folder_or_hub_id: str | Path) -> Path:
                                 f"Hub model ({type(err).__name__}: {err})") from err
 
 
-def from_pretrained(folder_or_hub_id: str | Path, device=None, dtype=None):
+class PretrainedMixin:
+    """`save_pretrained` / `from_pretrained` for the model class that mixes this in (as transformers puts
+    them on PreTrainedModel), so this module never imports the model."""
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write a self-contained model folder (see the module docstring)."""
+        return save_pretrained(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder_or_hub_id: str | Path, device=None, dtype=None):
+        """Load a model folder (or a Hugging Face Hub id), placed on `device` in `dtype` (runtime's choice by
+        default), in eval mode."""
+        return from_pretrained(cls, folder_or_hub_id, device=device, dtype=dtype)
+
+
+def from_pretrained(model_class, folder_or_hub_id: str | Path, device=None, dtype=None):
     from transformers.initialization import no_init_weights
 
     from . import runtime
-    from .modeling.dynrefer import DynRefer
     from .modeling.tokenization import load_tokenizer
 
     folder = resolve_folder(folder_or_hub_id)
@@ -232,7 +276,7 @@ def from_pretrained(folder_or_hub_id: str | Path, device=None, dtype=None):
     # Built and loaded on the CPU, then cast and moved by place(): the GPU only ever holds the placed size
     # (the official model: ~7.8 GiB in bf16, instead of 15 GiB in fp32).
     with no_init_weights():  # every persistent weight is loaded below
-        model = DynRefer(config, tokenizer, vocabulary, text_tokenizer, compute_tables=False)
+        model = model_class(config, tokenizer, vocabulary, text_tokenizer, compute_tables=False)
     _load_weights(model, folder / "model.safetensors")
     model.place(target, dtype)
     _load_tables(model, folder / "text_tables.safetensors")

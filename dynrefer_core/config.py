@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .views.geometry import BOX_ROUNDINGS
+
 
 @dataclass
 class TextEncoderConfig:
@@ -86,10 +88,16 @@ class DynReferConfig:
     vision_heads: int = 16
     vision_intermediate: int = 6144
     vision_layer_norm_eps: float = 1e-6
+    # BLIP-2's ln_vision after the ViT: LAVIS builds it as nn.LayerNorm (eps 1e-5), while the blocks use 1e-6.
+    vision_post_layernorm_eps: float = 1e-5
     # Not in the release: "conv" replaces the ViT's linear P x P patch embedding by a small conv stem
     # (`ConvStem`). For a ViT trained from scratch on a CPU budget; EVA ViT-g uses "linear".
     vision_stem: str = "linear"
     freeze_vision: bool = True
+    # How the region box is mapped into each S-px view (spec 1.4): "exact" is the formula; "reference"
+    # truncates to integers as the release's int64 box resize did when it was trained and evaluated.
+    # `convert` sets "reference"; models trained here used "exact" (see views.geometry.map_box_to_view).
+    box_rounding: str = "exact"
     # Alignment module (spec 3.3).
     align_groups: int = 4
     # Not in the release: the initial modulation m of every tap (the release starts at 0, so the aligned
@@ -151,6 +159,8 @@ class DynReferConfig:
                 f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}: "
                 "RoI-Align needs a square token grid"
             )
+        if self.box_rounding not in BOX_ROUNDINGS:
+            raise ValueError(f"box_rounding={self.box_rounding!r}: use one of {BOX_ROUNDINGS}")
         if self.vision_stem not in ("linear", "conv"):
             raise ValueError(f"vision_stem={self.vision_stem!r}: use 'linear' or 'conv'")
         if self.vision_stem == "conv" and (self.patch_size % 2 or self.vision_width % 2):
@@ -200,8 +210,9 @@ class DynReferConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def official_flant5xl(cls) -> "DynReferConfig":
-        """The released model: EVA ViT-g/14 (39 blocks) + BLIP-2 Q-Former + FlanT5-XL + EVA-CLIP text."""
-        return cls()
+        """The released model: EVA ViT-g/14 (39 blocks) + BLIP-2 Q-Former + FlanT5-XL + EVA-CLIP text, with
+        the box mapping it was trained with."""
+        return cls(box_rounding="reference")
 
     @classmethod
     def tiny(cls) -> "DynReferConfig":
@@ -253,6 +264,7 @@ class DynReferConfig:
             align_modulation_init=1.0 / 9.0,
             tag_gamma_neg=1.0,
             rtc_same_caption_positive=True,
+            vision_post_layernorm_eps=1e-6,  # what the bundled model was trained with
             vision_layers=4,
             vision_heads=4,
             vision_intermediate=256,

@@ -7,6 +7,7 @@
         --eva-clip ckpts/eva_clip_psz14.pt         # BAAI/EVA: only the "text." keys are used
         --clip-tokenizer openai/clip-vit-large-patch14   # the CLIP BPE (same as EVA-CLIP's tokenizer)
         --tags ram_tag_list.txt                    # optional: the RAM tag list the release was trained with
+        --attributes model_configs/ovad2000.json   # optional: the release's 117 OVAD attributes
         --out checkpoints/dynrefer-refcocog
 
 Load order as in the release: BLIP-2 first, then the DynRefer checkpoint on top (strict on its trainable
@@ -218,7 +219,8 @@ def derive_config(blip2_config: dict, eva: dict[str, torch.Tensor], release: dic
         base, n_views=fusion_in // width, image_size=vision["image_size"], patch_size=vision["patch_size"],
         vision_width=width, vision_layers=vision["num_hidden_layers"], vision_heads=vision["num_attention_heads"],
         vision_intermediate=vision["intermediate_size"],
-        vision_layer_norm_eps=vision.get("layer_norm_eps", 1e-6), align_groups=groups,
+        vision_layer_norm_eps=vision.get("layer_norm_eps", 1e-6), vision_post_layernorm_eps=1e-5,
+        box_rounding="reference", align_groups=groups,
         qformer_hidden=qformer["hidden_size"], qformer_layers=qformer["num_hidden_layers"],
         qformer_heads=qformer["num_attention_heads"], qformer_intermediate=qformer["intermediate_size"],
         cross_attention_freq=qformer.get("cross_attention_frequency", 2),
@@ -231,6 +233,7 @@ def derive_config(blip2_config: dict, eva: dict[str, torch.Tensor], release: dic
 # ---------------------------------------------------------------------------- the conversion
 def convert(release: str | Path, blip2: str | Path, eva_clip: str | Path, clip_tokenizer: str | Path,
             out: str | Path, tags: str | Path | None = None, classes: str | Path | None = None,
+            attributes: str | Path | None = None,
             dtype: str = "bf16", trust_pickle: bool = False, text_heads: int | None = None,
             head_heads: int = 4, tag_threshold: float | None = None) -> Path:
     from transformers.initialization import no_init_weights
@@ -282,7 +285,15 @@ def convert(release: str | Path, blip2: str | Path, eva_clip: str | Path, clip_t
         vocabulary = vocabulary.with_tags_file(tags)
     if classes:
         names = [c.strip() for c in Path(classes).read_text().splitlines() if c.strip()]
-        vocabulary = dataclasses.replace(vocabulary, classes=names)
+        vocabulary = dataclasses.replace(vocabulary, classes=names,
+                                         sources={**vocabulary.sources, "classes": Path(classes).name})
+    if attributes:
+        try:
+            vocabulary = vocabulary.with_attributes_file(attributes)
+        except ValueError as err:
+            raise ConversionError(str(err)) from err
+    _say(f"      vocabulary: {len(vocabulary.tags)} tags, {len(vocabulary.classes)} classes, "
+         f"{len(vocabulary.attributes)} attributes ({vocabulary.sources})")
     with no_init_weights():  # every weight is loaded below, and checked
         model = DynRefer(config, tokenizer, vocabulary, text_tokenizer, compute_tables=False)
     state = model.state_dict()
@@ -316,6 +327,8 @@ def convert(release: str | Path, blip2: str | Path, eva_clip: str | Path, clip_t
     except ValueError as err:
         raise ConversionError(f"{release}: {err}") from err
     written.update(report["loaded"])
+    if report["tied"]:
+        _say(f"      the file's {len(report['tied'])} tied T5 embedding copies equal BLIP-2's FlanT5 embeddings")
     ptrs = {(state[k].untyped_storage().data_ptr(), state[k].storage_offset()) for k in written}
     unset = sorted(k for k in state if k not in written
                    and (state[k].untyped_storage().data_ptr(), state[k].storage_offset()) not in ptrs)
@@ -344,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-tokenizer", default="openai/clip-vit-large-patch14", help="HF folder or hub id")
     parser.add_argument("--tags", help="tag list, one per line (e.g. RAM's ram_tag_list.txt)")
     parser.add_argument("--classes", help="class names, one per line (default: COCO-80)")
+    parser.add_argument("--attributes", help="attribute list: the release's model_configs/ovad2000.json (117 OVAD "
+                        "attributes) or '<is|has> <type>:<syn>/<syn>' lines (default: ours)")
     parser.add_argument("--out", required=True, help="output model folder")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                         help="storage dtype of the frozen towers (trainable blocks stay fp32)")
@@ -353,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         convert(args.release, args.blip2, args.eva_clip, args.clip_tokenizer, args.out, tags=args.tags,
-                classes=args.classes, dtype=args.dtype, trust_pickle=args.trust_pickle,
+                classes=args.classes, attributes=args.attributes, dtype=args.dtype, trust_pickle=args.trust_pickle,
                 tag_threshold=args.tag_threshold)
     except (ConversionError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

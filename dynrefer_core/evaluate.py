@@ -25,6 +25,9 @@ from tqdm import tqdm
 from . import metrics
 from .data.annotations import RegionAnnotations, load_annotations
 from .data.dataset import iter_image_batches
+from .describe import check_tag_threshold, describe_views, threshold_tags
+from .views import HASH_NAMES, ViewOptions
+from .views.geometry import BOX_ROUNDINGS
 
 HEADLINE = ("recognition_top1", "tag_f1", "CIDEr", "METEOR", "BLEU-4", "ROUGE-L", "attribute_mAP",
             "relation_accuracy")
@@ -85,63 +88,64 @@ def _split_caption(caption: str) -> tuple[str, str | None, str]:
     return head.strip(), rel, tail.strip()
 
 
-@torch.no_grad()
-def evaluate_model(model, annotations: RegionAnnotations, *, n_views: int | None = None, strategy: str = "phash",
-                   ts: list[float] | None = None, alpha: float = 1.0, tag_threshold: float | None = None,
-                   meteor: bool = True, caption_metrics: bool | None = None, max_regions: int | None = None,
-                   batch_regions: int = 64, seed: int = 0, progress: bool = True) -> EvalResult:
-    """Run every head of `model` on the regions of `annotations` and score them."""
+def evaluate_model(model, annotations: RegionAnnotations, *, views: ViewOptions | None = None,
+                   tag_threshold: float | None = None, meteor: bool = True, caption_metrics: bool | None = None,
+                   max_regions: int | None = None, batch_regions: int = 64, progress: bool = True) -> EvalResult:
+    """Run every head of `model` on the regions of `annotations` (`describe_views`) and score them."""
     start = time.perf_counter()
-    model.eval()
-    cfg = model.config
-    n_views = n_views or cfg.n_views
-    if n_views > cfg.n_views:
-        raise ValueError(f"n_views={n_views} is more than the {cfg.n_views} views this model fuses")
-    thr = cfg.tag_threshold if tag_threshold is None else tag_threshold
+    views = (views or ViewOptions()).resolve(model.config)
+    if views.n_views > model.config.n_views:
+        raise ValueError(f"n_views={views.n_views} is more than the {model.config.n_views} views this model fuses")
+    thr = check_tag_threshold(model, tag_threshold)
     vocab = model.vocabulary
-    tag_names = list(vocab.tags)
     classes = list(annotations.categories) or list(vocab.classes)
     attr_index = attribute_columns(annotations, [a.synonyms for a in vocab.attributes])
-    device = model.device
     if max_regions is not None:
-        annotations = RegionAnnotations(annotations.images, annotations.regions[:max_regions],
-                                        annotations.tag_list, annotations.categories, annotations.attributes,
-                                        annotations.info)
-    total = len(annotations.regions)
+        annotations = dataclasses.replace(annotations, regions=annotations.regions[:max_regions])
     preds: list[dict] = []
     attr_scores: list[np.ndarray] = []
     attr_labels: list[list[int]] = []
-    bar = tqdm(total=total, desc=f"eval {strategy} n={n_views}", unit="region", disable=not progress)
-    batches = iter_image_batches(annotations, tag_names, image_size=cfg.image_size, n_views=n_views,
-                                 strategy=strategy, ts=ts, alpha=alpha, seed=seed, max_regions=batch_regions)
-    for batch in batches:
-        batch = pad_views(batch, cfg.n_views).to(device)
-        with model.autocast():
-            z = model.encode_regions(batch.pixel_values, batch.boxes)
-            probs = model.tag_scores(z).float()
-            tags = [[tag_names[j] for j in torch.nonzero(row > thr).flatten().tolist()] for row in probs]
-            controls = [",".join(t) + "|" for t in tags]  # spec 4.3: predicted tags are the control
-            captions, cap_scores = model.generate_captions(z, controls)
-            cls_scores = model.classify(z, classes).float() if classes else None
-            att = model.attribute_scores(z).float() if attr_index is not None else None
+    bar = tqdm(total=len(annotations.regions), desc=f"eval {views.strategy} n={views.n_views}", unit="region",
+               disable=not progress)
+    for batch in iter_image_batches(annotations, vocab.tags, image_size=model.config.image_size, views=views,
+                                    max_regions=batch_regions):
+        batch = pad_views(batch, model.config.n_views)
+        out = describe_views(model, batch.pixel_values, batch.boxes, tag_threshold=thr,
+                             classes=None if classes == vocab.classes else classes, attributes=attr_index is not None,
+                             batch_size=batch_regions)
         for i, r in enumerate(batch.regions):
             p = {"id": r.id, "image_id": r.image_id, "box": list(r.box), "views": batch.selected_ts[i],
-                 "caption": captions[i], "caption_score": float(cap_scores[i]), "reference": r.caption,
-                 "tags": tags[i], "gt_tags": r.tags, "category": r.category, "relation": r.relation}
-            if cls_scores is not None:
-                p["predicted_category"] = classes[int(cls_scores[i].argmax())]
+                 "caption": out.captions[i], "caption_score": out.caption_scores[i], "reference": r.caption,
+                 "tags": [name for name, _ in out.tags[i]], "gt_tags": r.tags, "category": r.category,
+                 "relation": r.relation}
+            if out.class_scores is not None:
+                p["predicted_category"] = out.classes[int(out.class_scores[i].argmax())]
             preds.append(p)
-        if att is not None:
+        if attr_index is not None:
             cols, width = attr_index
-            attr_scores.append(att[:, cols].cpu().numpy())
+            attr_scores.append(out.attribute_scores[:, cols].numpy())
             attr_labels.extend([r.att_vec[c] for c in range(width)] if r.att_vec is not None and len(r.att_vec) == width
                                else [-1] * width for r in batch.regions)
         bar.update(len(batch))
     bar.close()
-    res = EvalResult(num_regions=len(preds), tag_threshold=thr, predictions=preds)
-    res.settings = {"n_views": n_views, "strategy": strategy, "ts": ts, "alpha": alpha, "seed": seed}
+    attributes = (np.concatenate(attr_scores), np.array(attr_labels)) if attr_scores else None
+    res = score_predictions(preds, vocab.tags, thr, attributes=attributes, meteor=meteor,
+                            caption_metrics=caption_metrics)
+    res.settings = {"n_views": views.n_views, "strategy": views.strategy, "ts": list(views.ts) if views.ts else None,
+                    "alpha": views.alpha, "hash_name": views.hash_name, "seed": views.seed,
+                    "box_rounding": views.box_rounding}
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def score_predictions(preds: list[dict], tag_names: list[str], tag_threshold: float, *,
+                      attributes: tuple[np.ndarray, np.ndarray] | None = None, meteor: bool = True,
+                      caption_metrics: bool | None = None) -> EvalResult:
+    """The metrics of per-region predictions (the dicts `evaluate_model` makes: caption, reference, tags,
+    gt_tags, category, predicted_category, relation) and optional attribute (scores, labels) arrays."""
     if not preds:
         raise ValueError("no regions to evaluate")
+    res = EvalResult(num_regions=len(preds), tag_threshold=tag_threshold, predictions=preds)
     labelled = [p for p in preds if p["category"] is not None and "predicted_category" in p]
     if labelled:
         res.recognition_top1 = metrics.top1_accuracy([p["predicted_category"] for p in labelled],
@@ -150,15 +154,15 @@ def evaluate_model(model, annotations: RegionAnnotations, *, n_views: int | None
     if with_tags:
         known = set(tag_names)
         t = metrics.tag_prf([p["tags"] for p in with_tags], [[g for g in p["gt_tags"] if g in known] for p in with_tags],
-                            thr)
+                            tag_threshold)
         res.tag_precision, res.tag_recall, res.tag_f1 = t.precision, t.recall, t.f1
     if caption_metrics is None:  # auto: pycocoevalcap's tokenizer and METEOR need Java
         caption_metrics = metrics.caption_metrics_available()
     if caption_metrics:
         res.captions = metrics.caption_metrics({p["id"]: p["caption"] for p in preds},
                                                {p["id"]: [p["reference"]] for p in preds}, meteor=meteor)
-    if attr_scores:
-        res.attribute_mAP = metrics.attribute_map(np.concatenate(attr_scores), np.array(attr_labels))[0]
+    if attributes is not None:
+        res.attribute_mAP = metrics.attribute_map(*attributes)[0]
     rel = [p for p in preds if p["relation"]]
     if rel:
         res.relation_accuracy = metrics.relation_accuracy([p["caption"] for p in rel], [p["relation"] for p in rel])
@@ -169,8 +173,26 @@ def evaluate_model(model, annotations: RegionAnnotations, *, n_views: int | None
         if tiny:
             res.tiny_subject_accuracy = float(np.mean([a[0] == b[0] for a, b in tiny]))
         res.word_accuracy = word_accuracy(rel)
-    res.seconds = time.perf_counter() - start
     return res
+
+
+def calibrate_tag_threshold(model, annotations: RegionAnnotations, max_regions: int | None = None
+                            ) -> tuple[float, float]:
+    """The global D_tag threshold in {0.10, 0.15, ..., 0.95} with the best tag F1 on these (val) regions,
+    and that F1. Model selection on val only: never call it on test."""
+    ann = dataclasses.replace(annotations, regions=annotations.regions[:max_regions])
+    names = list(model.vocabulary.tags)
+    probs, truth = [], []
+    views = ViewOptions().resolve(model.config)
+    for batch in iter_image_batches(ann, names, image_size=model.config.image_size, views=views):
+        probs.append(describe_views(model, batch.pixel_values, batch.boxes, captions=False).tag_probs)
+        truth += [set(r.tags) for r in batch.regions]
+    p = torch.cat(probs)
+    best = (-1.0, model.config.tag_threshold)
+    for thr in [round(0.05 * k, 2) for k in range(2, 20)]:
+        pred = [{name for name, _ in row} for row in threshold_tags(p, names, thr)]
+        best = max(best, (metrics.tag_prf(pred, truth).f1, thr))
+    return best[1], best[0]
 
 
 def word_accuracy(preds: list[dict]) -> dict[str, float]:
@@ -241,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--strategy", default="phash", choices=["phash", "fixed", "random"])
     ap.add_argument("--ts", type=float, nargs="*", default=None, help="the n-1 context ts for --strategy fixed")
     ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--hash-name", default="dct", choices=HASH_NAMES, help="the view hash h_t")
+    ap.add_argument("--box-rounding", choices=BOX_ROUNDINGS, default=None,
+                    help="how the box is mapped into each view (default: the model's setting)")
     ap.add_argument("--tag-threshold", type=float, default=None)
     ap.add_argument("--tag-list", help="tag list for files that store tag indices (the release: ram_tag_list.txt)")
     ap.add_argument("--image-root", help="override dataset.image_root")
@@ -262,10 +287,14 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--strategy fixed needs --ts (n-1 values in (0, 1])")
     ann = load_annotations(args.annotations, tag_list=args.tag_list, image_root=args.image_root).split(args.split)
     model = DynRefer.from_pretrained(args.checkpoint, device=args.device)
-    res = evaluate_model(model, ann, n_views=args.n_views, strategy=args.strategy, ts=args.ts, alpha=args.alpha,
-                         tag_threshold=args.tag_threshold, meteor=not args.no_meteor,
+    try:
+        views = ViewOptions(n_views=args.n_views, strategy=args.strategy, ts=args.ts, alpha=args.alpha,
+                            hash_name=args.hash_name, seed=args.seed, box_rounding=args.box_rounding)
+    except ValueError as err:
+        ap.error(str(err))
+    res = evaluate_model(model, ann, views=views, tag_threshold=args.tag_threshold, meteor=not args.no_meteor,
                          caption_metrics=False if args.no_caption_metrics else None, max_regions=args.max_regions,
-                         batch_regions=args.batch_regions, seed=args.seed)
+                         batch_regions=args.batch_regions)
     res.settings.update({"checkpoint": str(args.checkpoint), "annotations": str(args.annotations),
                          "split": args.split})
     out = res.to_dict(with_predictions=args.save_predictions)

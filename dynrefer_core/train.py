@@ -33,9 +33,11 @@ from tqdm import tqdm
 
 from .data.annotations import RegionAnnotations, load_annotations
 from .data.dataset import RegionDataset, collate_regions
+from .evaluate import calibrate_tag_threshold, evaluate_model
 from .modeling.losses import asymmetric_loss
 from .modeling.vision import ConvStem, sincos_position_embedding
 from .runtime import choose_device, choose_dtype
+from .views import ViewOptions
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -389,30 +391,6 @@ class CachedTextEncode:
         return torch.stack([self.table[t] for t in texts])
 
 
-@torch.no_grad()
-def calibrate_tag_threshold(model, val_ann: RegionAnnotations, max_regions: int) -> tuple[float, float]:
-    """The global D_tag threshold with the best tag F1 on val regions (model selection on val only)."""
-    from . import metrics
-    from .data.dataset import iter_image_batches
-
-    model.eval()
-    names = list(model.vocabulary.tags)
-    regions = val_ann.regions[:max_regions]
-    ann = RegionAnnotations(val_ann.images, regions, val_ann.tag_list, val_ann.categories, val_ann.attributes)
-    probs, truth = [], []
-    for batch in iter_image_batches(ann, names, image_size=model.config.image_size, n_views=model.config.n_views):
-        with model.autocast():
-            probs.append(model.tag_scores(model.encode_regions(batch.pixel_values, batch.boxes)).float().cpu())
-        truth += [set(r.tags) for r in batch.regions]
-    p = torch.cat(probs)
-    best = (-1.0, model.config.tag_threshold)
-    for thr in [round(0.05 * k, 2) for k in range(2, 20)]:
-        pred = [{names[j] for j in torch.nonzero(row > thr).flatten().tolist()} for row in p]
-        best = max(best, (metrics.tag_prf(pred, truth).f1, thr))
-    model.train()
-    return best[1], best[0]
-
-
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -493,7 +471,6 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
 
     `stop_after`: save the state and return after that many steps (as if the run were interrupted).
     """
-    from .evaluate import evaluate_model
     from .modeling.dynrefer import DynRefer
 
     t = cfg["train"]
@@ -539,8 +516,8 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
     if object_classes is not None and not object_classes:
         raise ValueError("train.encoder_object_probe_weight > 0 needs region categories in the annotations "
                          f"({d['annotations']} has none): set it to 0")
-    ds = RegionDataset(train_ann, vocab, image_size=model.config.image_size, n_views=model.config.n_views,
-                       strategy="random", seed=seed, class_prompt_ratio=float(d["class_prompt_ratio"]),
+    ds = RegionDataset(train_ann, vocab, image_size=model.config.image_size,
+                       views=ViewOptions(strategy="random").resolve(model.config), seed=seed, class_prompt_ratio=float(d["class_prompt_ratio"]),
                        phash_view_ratio=float(d["phash_view_ratio"]), object_classes=object_classes)
     bs = int(t["batch_size"])
     sampler = EpochSampler(len(ds), seed, dd.rank, dd.world)

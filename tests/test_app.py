@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from demo_support import load_app, running_app, save_tiny_checkpoint
-from dynrefer_core.views import plan_views
+from dynrefer_core.views import ViewOptions, plan_views
 
 app = load_app()
 CONTROLS = (3, "phash", "", "dct", 1.0, 0)  # n_views, strategy, fixed ts, hash, alpha, seed: the UI defaults
@@ -78,8 +78,8 @@ def test_parse_phrases_splits_on_commas_and_drops_blanks():
 
 def test_view_options_fixed_strategy_takes_n_from_the_ts():
     options = app.view_options(5, "fixed", "0.3, 1.0", "dct", 1.0, 0)
-    assert options == {"n_views": 3, "strategy": "fixed", "ts": [0.3, 1.0], "hash_name": "dct", "alpha": 1.0, "seed": 0}
-    assert app.view_options(4, "phash", "0.3", "dhash", 2.0, None)["ts"] is None  # ts only matter for "fixed"
+    assert options == ViewOptions(n_views=3, strategy="fixed", ts=(0.3, 1.0), hash_name="dct", alpha=1.0, seed=0)
+    assert app.view_options(4, "phash", "0.3", "dhash", 2.0, None).ts is None  # ts only matter for "fixed"
     with pytest.raises(gr.Error, match="needs t values"):
         app.view_options(3, "fixed", "", "dct", 1.0, 0)
     with pytest.raises(gr.Error, match="numbers between 0 and 1"):

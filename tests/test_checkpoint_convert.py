@@ -168,3 +168,111 @@ def test_bad_inputs_are_refused_clearly(files, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "has no config.json" in _fail(files, tmp_path, capsys, **{"--blip2": tmp_path / "empty"})
     assert (root / "blip2" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------- files as LAVIS writes them
+def lavis_checkpoint(named: dict[str, torch.Tensor], frozen: set[str], t5: nn.Module) -> dict:
+    """What LAVIS's `RunnerBase._save_checkpoint` writes for a model holding these tensors under these names
+    and FlanT5 at `t5_model`: state_dict(), minus the frozen parameters named by named_parameters()."""
+    model = nn.Module()
+    model.t5_model = t5
+    for key, value in named.items():
+        *path, leaf = key.split(".")
+        owner = model
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if key.endswith("position_ids"):
+            owner.register_buffer(leaf, value.clone())
+        else:
+            owner.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=key not in frozen))
+    t5.requires_grad_(False)  # the release freezes FlanT5
+    requires_grad = {k: p.requires_grad for k, p in model.named_parameters()}
+    state = model.state_dict()
+    for key, grad in requires_grad.items():
+        if not grad:
+            del state[key]
+    return {"model": state, "optimizer": {}, "scaler": None, "epoch": 4}
+
+
+@pytest.fixture(scope="module")
+def lavis_file(files):
+    root = files["root"]
+    blip2 = Blip2ForConditionalGeneration.from_pretrained(root / "blip2")
+    named = dict(files["release"])
+    frozen = {"query_tokens", "ln_vision.weight", "ln_vision.bias", "visual_encoder.cls_token"}
+    named.update({"query_tokens": files["blip2"]["query_tokens"],
+                  "ln_vision.weight": files["blip2"]["vision_model.post_layernorm.weight"],
+                  "ln_vision.bias": files["blip2"]["vision_model.post_layernorm.bias"],
+                  "visual_encoder.cls_token": torch.zeros(1, 1, 8)})
+    ckpt = lavis_checkpoint(named, frozen, blip2.language_model)
+    torch.save(ckpt, root / "lavis_written.pth")
+    return ckpt
+
+
+def test_lavis_writer_keeps_the_tied_t5_embeddings(lavis_file, files):
+    state = lavis_file["model"]
+    tied = {"t5_model.encoder.embed_tokens.weight", "t5_model.decoder.embed_tokens.weight"}
+    assert {k for k in state if k.startswith("t5_model.")} == tied  # every other frozen parameter is gone
+    assert not any(k.startswith(("visual_encoder.", "ln_vision", "query_tokens")) for k in state)
+    for key in tied:
+        assert torch.equal(state[key], files["blip2"]["language_model.shared.weight"])
+
+
+def test_convert_accepts_a_lavis_written_file(lavis_file, files, tmp_path, capsys):
+    assert main(args(files, tmp_path / "out", **{"--release": files["root"] / "lavis_written.pth"})) == 0
+    assert "2 tied T5 embedding copies equal BLIP-2's FlanT5 embeddings" in capsys.readouterr().out
+    model = DynRefer.from_pretrained(tmp_path / "out", device="cpu")
+    assert torch.equal(model.language.proj.weight, files["release"]["t5_proj.weight"])
+    # Exported with the aliases, the file has exactly the LAVIS writer's keys (position_ids aside).
+    from dynrefer_core.checkpoint import official_state_dict
+
+    exported = official_state_dict(model, tied_embeddings=True)
+    assert exported.keys() == set(lavis_file["model"]) - {"Qformer.bert.embeddings.position_ids"}
+    assert all(torch.equal(exported[k], v) for k, v in lavis_file["model"].items() if k in exported)
+
+
+def test_tied_embeddings_of_another_language_model_are_refused(lavis_file, files, tmp_path, capsys):
+    state = dict(lavis_file["model"])
+    state["t5_model.decoder.embed_tokens.weight"] = state["t5_model.decoder.embed_tokens.weight"] + 0.01
+    torch.save({"model": state}, tmp_path / "other_t5.pth")
+    err = _fail(files, tmp_path, capsys, **{"--release": tmp_path / "other_t5.pth"})
+    assert "t5_model.decoder.embed_tokens.weight differs from this model's T5 input embeddings" in err
+    state["t5_model.decoder.embed_tokens.weight"] = torch.zeros(5, 3)
+    torch.save({"model": state}, tmp_path / "other_shape.pth")
+    err = _fail(files, tmp_path, capsys, **{"--release": tmp_path / "other_shape.pth"})
+    assert "t5_model.decoder.embed_tokens.weight: checkpoint (5, 3) vs model" in err
+
+
+def test_converted_model_sees_the_release_inputs(files, tmp_path):
+    """The release's box truncation and ln_vision eps (1e-5) are settings of the converted folder."""
+    assert main(args(files, tmp_path / "out")) == 0
+    model = DynRefer.from_pretrained(tmp_path / "out", device="cpu")
+    assert model.config.box_rounding == "reference"
+    assert model.vision.vit.post_layernorm.eps == 1e-5
+    assert model.vision.vit.encoder.layers[0].layer_norm1.eps == 1e-6  # the EVA blocks keep theirs
+    result = model.describe(cbook_photo(), [(120, 60, 400, 330)])[0]
+    assert result.box_rounding == "reference" and result.to_dict()["box_rounding"] == "reference"
+
+
+def test_convert_takes_the_release_attribute_list(files, tmp_path):
+    import json
+
+    ovad = {"attributes": [
+        {"id": 1, "name": "maturity:young/baby", "type": "maturity", "is_has_att": "is", "freq_set": "head"},
+        {"id": 0, "name": "cleanliness:clean/neat", "type": "cleanliness", "is_has_att": "is"},
+        {"id": 2, "name": "skin tone:dark", "type": "skin tone", "is_has_att": "has"}]}
+    (tmp_path / "ovad2000.json").write_text(json.dumps(ovad))
+    assert main(args(files, tmp_path / "out", **{"--attributes": tmp_path / "ovad2000.json"})) == 0
+    model = DynRefer.from_pretrained(tmp_path / "out", device="cpu")
+    assert [a.name for a in model.vocabulary.attributes] == ["cleanliness:clean/neat", "maturity:young/baby",
+                                                             "skin tone:dark"]
+    prompts, groups = model.vocabulary.attribute_prompts()
+    assert groups == [4, 16, 2]  # two templates per synonym; young/baby gets six more words (spec 4.0)
+    assert prompts[-2:] == ["the dark skin", "the  has dark skin"]
+    assert model.attribute_embeds.shape[0] == 22
+    sources = json.loads((tmp_path / "out" / "vocab" / "sources.json").read_text())
+    assert sources["attributes"] == "ovad2000.json" and sources["tags"] == "tags.txt"
+    (tmp_path / "bad.json").write_text(json.dumps({"attributes": [{"name": "x:y"}]}))
+    assert main(args(files, tmp_path / "bad", **{"--attributes": tmp_path / "bad.json"})) == 1

@@ -10,7 +10,11 @@ from dynrefer_core.data.annotations import box_from_segmentation, load_annotatio
 from dynrefer_core.data.dataset import RegionDataset, collate_regions, iter_image_batches, tag_target
 from dynrefer_core.data.generate import generate
 from dynrefer_core.data.scenes import tag_vocabulary
-from dynrefer_core.views.planning import plan_views_batch
+from dynrefer_core.views.planning import ViewOptions, plan_views_batch
+
+
+def views(n_views: int = 3, strategy: str = "random", **options) -> ViewOptions:
+    return ViewOptions(n_views, strategy, box_rounding="exact", **options)
 
 
 @pytest.fixture()
@@ -79,14 +83,14 @@ def mini_data(tmp_path_factory):
 
 def test_training_samples_random_views_are_seeded(mini_data):
     train = mini_data.split("train")
-    ds = RegionDataset(train, tag_vocabulary(), image_size=56, n_views=3, strategy="random", seed=1)
+    ds = RegionDataset(train, tag_vocabulary(), image_size=56, views=views(3), seed=1)
     s = ds[0]
     assert s.pixel_values.shape == (3, 3, 56, 56) and s.boxes.shape == (3, 4)
     assert s.boxes[0].tolist() == [0.0, 0.0, 56.0, 56.0]  # view 0 is the region itself
     assert s.selected_ts[0] == 0.0 and len(set(s.selected_ts)) == 3
     assert ds[0].selected_ts == s.selected_ts  # same epoch, same views
     ds.set_epoch(1)
-    assert any(ds[i].selected_ts != RegionDataset(train, tag_vocabulary(), image_size=56, n_views=3,
+    assert any(ds[i].selected_ts != RegionDataset(train, tag_vocabulary(), image_size=56, views=views(3),
                                                   seed=1)[i].selected_ts for i in range(5))
     assert s.tag_target.sum() == len(set(train.regions[0].tags))
     b = collate_regions([ds[0], ds[1]])
@@ -97,23 +101,22 @@ def test_training_samples_random_views_are_seeded(mini_data):
 
 def test_eval_batches_cover_every_region_once_with_planner_views(mini_data):
     test = mini_data.split("test")
-    batches = list(iter_image_batches(test, tag_vocabulary(), image_size=28, n_views=2, max_regions=3))
+    batches = list(iter_image_batches(test, tag_vocabulary(), image_size=28, views=views(2, "phash"), max_regions=3))
     ids = [r.id for b in batches for r in b.regions]
     assert sorted(ids) == sorted(r.id for r in test.regions)
     assert all(len(b) <= 3 for b in batches)
     assert all(ts[0] == 0.0 and len(ts) == 2 for b in batches for ts in b.selected_ts)
-    fixed = next(iter_image_batches(test, tag_vocabulary(), image_size=28, n_views=3, strategy="fixed",
-                                    ts=[0.5, 1.0]))
+    fixed = next(iter_image_batches(test, tag_vocabulary(), image_size=28, views=views(3, "fixed", ts=[0.5, 1.0])))
     assert fixed.selected_ts[0] == [0.0, 0.5, 1.0]
     assert torch.equal(fixed.boxes[0, 2], torch.tensor([v * 28 / 384 for v in test.regions[0].box]))
 
 
 def test_class_prompts_replace_some_region_texts(mini_data):
     train = mini_data.split("train")
-    plain = RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, seed=1)
+    plain = RegionDataset(train, tag_vocabulary(), image_size=28, views=views(3), seed=1)
     assert plain[0].rtc_text is None
     assert "rtc_texts" not in collate_regions([plain[0], plain[1]]).model_inputs()
-    ds = RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, seed=1, class_prompt_ratio=0.5)
+    ds = RegionDataset(train, tag_vocabulary(), image_size=28, views=views(3), seed=1, class_prompt_ratio=0.5)
     samples = [ds[i] for i in range(min(len(ds), 40))]
     is_prompt = [s.rtc_text == f"the {s.region.category}" for s in samples]
     assert 0 < sum(is_prompt) < len(samples)
@@ -123,34 +126,35 @@ def test_class_prompts_replace_some_region_texts(mini_data):
     assert batch.model_inputs()["rtc_texts"] == [s.rtc_text for s in samples[:4]]
     assert batch.to(torch.device("cpu")).rtc_texts == batch.rtc_texts
     with pytest.raises(ValueError, match="class_prompt_ratio"):
-        RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, class_prompt_ratio=1.5)
+        RegionDataset(train, tag_vocabulary(), image_size=28, views=views(3), class_prompt_ratio=1.5)
 
 
 def test_phash_view_ratio_mixes_inference_views_into_training(mini_data):
     train = mini_data.split("train")
     n = min(len(train.regions), 40)
-    plans = {r.id: plan_views_batch(mini_data.images[r.image_id].path, [r.box], 3, "phash")[0].selected_ts
+    plans = {r.id: plan_views_batch(mini_data.images[r.image_id].path, [r.box], ViewOptions(3, "phash"))[0].selected_ts
              for r in train.regions[:n]}
-    random_only = RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, seed=1)
-    all_phash = RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, seed=1, phash_view_ratio=1.0)
+    random_only = RegionDataset(train, tag_vocabulary(), image_size=28, views=views(3), seed=1)
+    all_phash = RegionDataset(train, tag_vocabulary(), image_size=28, views=views(3), seed=1, phash_view_ratio=1.0)
     assert all(all_phash[i].selected_ts == plans[r.id] for i, r in enumerate(train.regions[:n]))
     assert sum(random_only[i].selected_ts != plans[r.id] for i, r in enumerate(train.regions[:n])) > n // 2
-    half = RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, seed=1, phash_view_ratio=0.5)
+    half = RegionDataset(train, tag_vocabulary(), image_size=28, views=views(3), seed=1, phash_view_ratio=0.5)
     picked = [half[i].selected_ts == plans[r.id] for i, r in enumerate(train.regions[:n])]
     assert 0 < sum(picked) < n
     assert [half[i].selected_ts for i in range(n)] == [half[i].selected_ts for i in range(n)]  # seeded
     with pytest.raises(ValueError, match="phash_view_ratio"):
-        RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, phash_view_ratio=-0.1)
+        RegionDataset(train, tag_vocabulary(), image_size=28, views=views(3), phash_view_ratio=-0.1)
     with pytest.raises(ValueError, match="random training views"):
-        RegionDataset(train, tag_vocabulary(), image_size=28, n_views=3, strategy="phash", phash_view_ratio=0.5)
+        RegionDataset(train, tag_vocabulary(), image_size=28, views=views(3, "phash"),
+                      phash_view_ratio=0.5)
 
 
 def test_context_objects_list_the_other_objects_inside_each_context_view(mini_data):
     train = mini_data.split("train")
     classes = list(train.categories)
-    ds = RegionDataset(train, tag_vocabulary(), image_size=100, n_views=3, seed=1, object_classes=classes)
+    ds = RegionDataset(train, tag_vocabulary(), image_size=100, views=views(3), seed=1, object_classes=classes)
     assert ds[0].context_objects is not None
-    assert RegionDataset(train, tag_vocabulary(), image_size=100, n_views=3)[0].context_objects is None
+    assert RegionDataset(train, tag_vocabulary(), image_size=100, views=views(3))[0].context_objects is None
     region = train.regions[0]
     others = [o for o in train.by_image()[region.image_id] if o.id != region.id]
     W, H = train.images[region.image_id].width, train.images[region.image_id].height

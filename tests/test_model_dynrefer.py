@@ -8,6 +8,7 @@ from matplotlib import cbook
 
 from dynrefer_core.config import DynReferConfig
 from dynrefer_core.modeling.dynrefer import DynRefer
+from dynrefer_core.views import ViewOptions
 from dynrefer_core.vocab import Vocabulary
 
 PHOTO = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # a real 512x600 photo shipped with matplotlib
@@ -86,7 +87,7 @@ def test_decoders_shapes_and_calibration(model):
         assert z.shape == (4, model.config.num_query_tokens, model.config.qformer_hidden)
         assert model.tag_scores(z).shape == (4, len(model.vocabulary.tags))
         s = model.text_scores(z, ["a dog", "a car", "sky"])
-        probs = model.text_probabilities(z, ["a dog", "a car", "sky"])
+        probs = model.match_probabilities(z, model.text_encoder.encode(["a dog", "a car", "sky"]))
         rtc = model.rtc_decoder
         assert torch.allclose(probs, torch.sigmoid(s * rtc.logit_scale.exp() + rtc.logit_bias))
         assert model.classify(z).shape == (4, 80)
@@ -131,7 +132,7 @@ def test_describe_a_real_photo(model):
     assert high[0].tags == [] and high[0].control == "|"
     assert model.describe(PHOTO, []) == []
     with pytest.raises(ValueError, match="n_views=2"):
-        model.describe(PHOTO, boxes[:1], n_views=2)
+        model.describe(PHOTO, boxes[:1], views=ViewOptions(n_views=2))
 
 
 def test_describe_is_deterministic_and_batch_independent(model):

@@ -125,6 +125,7 @@ def test_cached_text_encode_embeds_each_text_once():
 def test_encoder_warm_up_trains_the_encoder_only_then_the_method_takes_over(tiny_data, tmp_path):
     from dynrefer_core.data.annotations import load_annotations
     from dynrefer_core.data.dataset import RegionDataset
+    from dynrefer_core.views import ViewOptions
 
     cfg = tiny_cfg(tiny_data, tmp_path / "w", encoder_warmup_steps=3, encoder_warmup_lr=1e-2, log_every=1)
     train_ann = load_annotations(tiny_data).split("train")
@@ -132,7 +133,7 @@ def test_encoder_warm_up_trains_the_encoder_only_then_the_method_takes_over(tiny
     model = T.build_model(cfg, train_ann).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
-                       n_views=model.config.n_views, strategy="random")
+                       views=ViewOptions(strategy="random").resolve(model.config))
     lines = []
     warm = T.EncoderWarmup(model, len(model.vocabulary.tags))
     T.warm_up_encoder(warm, ds, T.EpochSampler(len(ds), 0), cfg, T.Dist(0, 1, 0), torch.device("cpu"), lines.append)
@@ -154,6 +155,7 @@ def test_context_probe_trains_the_vit_through_the_context_views(tiny_data, tmp_p
     context views' CLS tokens do); the context probe reaches them directly, and its loss adds to z's."""
     from dynrefer_core.data.annotations import load_annotations
     from dynrefer_core.data.dataset import RegionDataset, collate_regions
+    from dynrefer_core.views import ViewOptions
 
     cfg = tiny_cfg(tiny_data, tmp_path / "w")
     train_ann = load_annotations(tiny_data).split("train")
@@ -161,7 +163,7 @@ def test_context_probe_trains_the_vit_through_the_context_views(tiny_data, tmp_p
     model = T.build_model(cfg, train_ann).train()
     assert model.config.align_modulation_init == 0.0  # tiny keeps the release's init
     ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
-                       n_views=model.config.n_views, strategy="random")
+                       views=ViewOptions(strategy="random").resolve(model.config))
     batch = collate_regions([ds[i] for i in range(4)])
     inputs = batch.model_inputs()
     torch.manual_seed(1)
@@ -191,6 +193,7 @@ def test_context_probe_trains_the_vit_through_the_context_views(tiny_data, tmp_p
 def test_probe_loss_kept_in_the_main_phase_adds_to_the_methods_losses_and_resumes(tiny_data, tmp_path):
     from dynrefer_core.data.annotations import load_annotations
     from dynrefer_core.data.dataset import RegionDataset, collate_regions
+    from dynrefer_core.views import ViewOptions
 
     # the objective: the model's own three losses on the same draw, plus weight x the probes' loss
     cfg = tiny_cfg(tiny_data, tmp_path / "o")
@@ -198,7 +201,7 @@ def test_probe_loss_kept_in_the_main_phase_adds_to_the_methods_losses_and_resume
     torch.manual_seed(0)
     model = T.build_model(cfg, train_ann).eval()  # no dropout: both paths see the same features
     ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
-                       n_views=model.config.n_views, strategy="random")
+                       views=ViewOptions(strategy="random").resolve(model.config))
     inputs = collate_regions([ds[i] for i in range(4)]).model_inputs()
     warm = T.EncoderWarmup(model, len(model.vocabulary.tags), context_probe=True)
     with torch.no_grad():
@@ -231,6 +234,7 @@ def test_probe_loss_kept_in_the_main_phase_adds_to_the_methods_losses_and_resume
 def test_object_probe_reads_the_other_objects_in_the_context_views(tiny_data, tmp_path):
     from dynrefer_core.data.annotations import load_annotations
     from dynrefer_core.data.dataset import RegionDataset, collate_regions
+    from dynrefer_core.views import ViewOptions
 
     cfg = tiny_cfg(tiny_data, tmp_path / "w")
     train_ann = load_annotations(tiny_data).split("train")
@@ -238,7 +242,7 @@ def test_object_probe_reads_the_other_objects_in_the_context_views(tiny_data, tm
     torch.manual_seed(0)
     model = T.build_model(cfg, train_ann).eval()
     ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
-                       n_views=model.config.n_views, strategy="random", object_classes=classes)
+                       views=ViewOptions(strategy="random").resolve(model.config), object_classes=classes)
     batch = collate_regions([ds[i] for i in range(4)])
     assert len(batch.context_objects) > 0
     inputs = batch.model_inputs()

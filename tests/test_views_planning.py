@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynrefer_core.views import CANDIDATE_TS, ViewPlan, plan_views, plan_views_batch
+from dynrefer_core.views import CANDIDATE_TS, ViewOptions, ViewPlan, plan_views, plan_views_batch
 from dynrefer_core.views.planning import rank_candidates
 
 
@@ -110,7 +110,7 @@ def test_batch_equals_single_and_to_dict_is_json():
 
     img = textured()
     boxes = [(30, 30, 60, 45), (0, 0, 120, 90), (10.5, 60, 11.9, 61.5), (-10, 80, 50, 200)]
-    batch = plan_views_batch(img, boxes, n_views=3)
+    batch = plan_views_batch(img, boxes, ViewOptions(n_views=3))
     for box, p in zip(boxes, batch):
         single = plan_views(img, box, n_views=3)
         assert p.to_dict() == single.to_dict()
@@ -118,7 +118,7 @@ def test_batch_equals_single_and_to_dict_is_json():
                                       np.stack([c.hash_bits for c in single.candidates]))
     d = json.loads(json.dumps(batch[0].to_dict()))
     assert d["selected_ts"][0] == 0.0 and len(d["candidates"]) == 10 and len(d["views"]) == 3
-    assert plan_views_batch(img, []) == []
+    assert plan_views_batch(img, [], ViewOptions(n_views=3)) == []
 
 
 def test_degenerate_boxes_give_three_distinct_views_or_value_error():

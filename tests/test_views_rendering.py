@@ -6,7 +6,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from dynrefer_core.views import CLIP_MEAN, CLIP_STD, plan_views, plan_views_batch, render_views
+from dynrefer_core.views import CLIP_MEAN, CLIP_STD, ViewOptions, plan_views, plan_views_batch, render_views
 
 
 def picture(w=90, h=70):
@@ -16,7 +16,7 @@ def picture(w=90, h=70):
 
 def test_shapes_and_base_box():
     img = picture()
-    plans = plan_views_batch(img, [(10, 20, 30, 40), (40.5, 5.5, 88, 60)], n_views=3)
+    plans = plan_views_batch(img, [(10, 20, 30, 40), (40.5, 5.5, 88, 60)], ViewOptions(n_views=3))
     out = render_views(img, plans, size=32)
     assert out.pixel_values.shape == (2, 3, 3, 32, 32) and out.pixel_values.dtype == torch.float32
     assert out.boxes.shape == (2, 3, 4)
@@ -70,7 +70,7 @@ def test_threaded_and_cached_rendering_equals_each_plan_alone():
     boxes = [(10, 20, 30, 40), (40.5, 5.5, 88, 60), (10, 20, 30, 40), (0, 0, 90, 70), (3, 3, 9, 9),
              (60, 50, 89, 69), (0, 0, 90, 70), (30, 10, 31, 60)]
     # The batch hashes 8 x 11 crop boxes on threads; one box at a time stays below the threading threshold.
-    plans = plan_views_batch(img, boxes, n_views=3, strategy="fixed", ts=(0.5, 1.0))
+    plans = plan_views_batch(img, boxes, ViewOptions(n_views=3, strategy="fixed", ts=(0.5, 1.0)))
     alone = [plan_views(img, b, n_views=3, strategy="fixed", ts=(0.5, 1.0)) for b in boxes]
     assert [[v.hash_hex for v in [p.base, *p.candidates]] for p in plans] == \
         [[v.hash_hex for v in [p.base, *p.candidates]] for p in alone]

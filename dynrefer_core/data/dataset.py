@@ -7,6 +7,7 @@ Evaluation: the planner's views (`strategy="phash"` by default, or "fixed"/"rand
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from ..views import box_in_view, load_image, plan_views_batch, render_views
+from ..views import ViewOptions, box_in_view, load_image, prepare
 from .annotations import Region, RegionAnnotations
 
 OBJECT_INSIDE = 0.8  # share of another object's box inside a context view for the object probe to use it
@@ -92,8 +93,9 @@ def collate_regions(samples: Sequence[RegionSample]) -> RegionBatch:
 class RegionDataset(Dataset):
     """One sample per region: its n views rendered at `image_size`, its caption and tag target.
 
-    `strategy="random"` is the training sampler; call `set_epoch(e)` each epoch for fresh, reproducible
-    views. Other strategies ("phash", "fixed" with `ts`) give the evaluation views.
+    `views` (n_views and box_rounding set): `strategy="random"` is the training sampler (each sample seeded
+    from `seed`, the epoch and its index; `views.seed` is not used); call `set_epoch(e)` each epoch for fresh,
+    reproducible views. Other strategies ("phash", "fixed" with `ts`) give the evaluation views.
 
     `class_prompt_ratio`: the fraction of regions (with a category) whose region-text loss matches the class
     prompt "the {category}" instead of the caption. Region texts in Visual Genome are mostly such short
@@ -111,16 +113,18 @@ class RegionDataset(Dataset):
     """
 
     def __init__(self, annotations: RegionAnnotations, tag_vocabulary: Sequence[str], *, image_size: int,
-                 n_views: int, strategy: str = "random", ts: Sequence[float] | None = None, alpha: float = 1.0,
-                 seed: int = 0, class_prompt_ratio: float = 0.0, phash_view_ratio: float = 0.0,
+                 views: ViewOptions, seed: int = 0, class_prompt_ratio: float = 0.0, phash_view_ratio: float = 0.0,
                  object_classes: Sequence[str] | None = None) -> None:
         if not annotations.regions:
             raise ValueError("the annotation file (or split) has no regions")
+        if views.n_views is None or views.box_rounding is None:
+            raise ValueError("RegionDataset needs resolved view options (ViewOptions.resolve(model.config))")
         self.ann = annotations
         self.regions = annotations.regions
         self.vocab = {t: i for i, t in enumerate(tag_vocabulary)}
-        self.image_size, self.n_views, self.strategy = image_size, n_views, strategy
-        self.ts, self.alpha, self.seed, self.epoch = ts, alpha, seed, 0
+        self.image_size, self.views = image_size, views
+        self.seed, self.epoch = seed, 0
+        strategy = views.strategy
         if not 0.0 <= class_prompt_ratio <= 1.0:
             raise ValueError(f"class_prompt_ratio must lie in [0, 1], got {class_prompt_ratio}")
         self.class_prompt_ratio = class_prompt_ratio
@@ -142,14 +146,14 @@ class RegionDataset(Dataset):
         r = self.regions[index]
         record = self.ann.images[r.image_id]
         image = load_image(record.path)
-        strategy, seed = self.strategy, None
-        if strategy == "random":
+        options = self.views
+        if options.strategy == "random":
             seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+            options = dataclasses.replace(options, seed=seed)
             if self.phash_view_ratio > 0 and random.Random(seed * 31 + 7).random() < self.phash_view_ratio:
-                strategy = "phash"
-        plan = plan_views_batch(image, [r.box], self.n_views, strategy, ts=self.ts, alpha=self.alpha,
-                                seed=seed)[0]
-        views = render_views(image, plan, self.image_size)
+                options = dataclasses.replace(options, strategy="phash", seed=None)
+        views = prepare(image, [r.box], options, self.image_size)
+        plan = views.plans[0]
         rtc_text = None
         if self.class_prompt_ratio > 0 and r.category:
             pick = random.Random((self.seed * 7_368_787 + self.epoch) * 1_000_033 + index).random()
@@ -179,20 +183,21 @@ class RegionDataset(Dataset):
 
 
 def iter_image_batches(annotations: RegionAnnotations, tag_vocabulary: Sequence[str], *, image_size: int,
-                       n_views: int, strategy: str = "phash", ts: Sequence[float] | None = None,
-                       alpha: float = 1.0, seed: int = 0, max_regions: int = 64) -> Iterator[RegionBatch]:
-    """Evaluation batches: all regions of an image are planned together (the image is hashed once), and
-    consecutive images are packed into batches of at most `max_regions` regions."""
+                       views: ViewOptions, max_regions: int = 64) -> Iterator[RegionBatch]:
+    """Evaluation batches: all regions of an image are prepared together (the image is hashed once), and
+    consecutive images are packed into batches of at most `max_regions` regions. With the random strategy,
+    image k draws with seed `views.seed` (default 0) + k."""
     vocab = {t: i for i, t in enumerate(tag_vocabulary)}
     pending: list[RegionSample] = []
     for k, (image_id, regions) in enumerate(annotations.by_image().items()):
         image = load_image(annotations.images[image_id].path)
-        plans = plan_views_batch(image, [r.box for r in regions], n_views, strategy, ts=ts, alpha=alpha,
-                                 seed=seed + k if strategy == "random" else None)
-        views = render_views(image, plans, image_size)
-        for i, (r, p) in enumerate(zip(regions, plans)):
-            pending.append(RegionSample(views.pixel_values[i], views.boxes[i], r.caption, tag_target(r.tags, vocab),
-                                        r, list(p.selected_ts)))
+        options = views
+        if views.strategy == "random":
+            options = dataclasses.replace(views, seed=(views.seed or 0) + k)
+        rendered = prepare(image, [r.box for r in regions], options, image_size)
+        for i, (r, p) in enumerate(zip(regions, rendered.plans)):
+            pending.append(RegionSample(rendered.pixel_values[i], rendered.boxes[i], r.caption,
+                                        tag_target(r.tags, vocab), r, list(p.selected_ts)))
         while len(pending) >= max_regions:
             yield collate_regions(pending[:max_regions])
             pending = pending[max_regions:]

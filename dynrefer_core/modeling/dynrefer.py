@@ -12,12 +12,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import runtime
+from ..checkpoint import PretrainedMixin
 from ..config import DynReferConfig
 from ..vocab import Vocabulary
 from .alignment import AlignmentModule
@@ -39,7 +39,7 @@ class DynReferOutput:
     losses: dict[str, torch.Tensor]
 
 
-class DynRefer(nn.Module):
+class DynRefer(PretrainedMixin, nn.Module):
     """The DynRefer model.
 
     Args:
@@ -123,11 +123,6 @@ class DynRefer(nn.Module):
         return self
 
     # ------------------------------------------------------------------ text tables
-    def set_vocabulary(self, vocabulary: Vocabulary) -> None:
-        """Swap tags/classes/attributes and re-embed them (the heads are open-vocabulary)."""
-        self.vocabulary = vocabulary
-        self.refresh_text_tables()
-
     def refresh_text_tables(self) -> None:
         """Embed tags (raw strings), class prompts ("the {c}") and attribute prompts (spec 4.0)."""
         prompts, groups = self.vocabulary.attribute_prompts()
@@ -187,9 +182,10 @@ class DynRefer(nn.Module):
         """(N, T) raw D_rtc matching scores s (the release's OV-recognition score)."""
         return self.rtc_decoder(z, self.text_encoder.encode(list(texts)).to(z.device)).float()
 
-    def text_probabilities(self, z: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """(N, T) sigma(s * exp(t) + b): the trained (calibrated) SigLIP probability of each pair."""
-        return torch.sigmoid(self.rtc_decoder.calibrated(self.text_scores(z, texts)))
+    def match_probabilities(self, z: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(N, T) sigma(s * exp(t) + b) for embedded texts (T, E): the trained (calibrated) SigLIP probability
+        that region and text match."""
+        return torch.sigmoid(self.rtc_decoder.calibrated(self.rtc_decoder(z, text_embeds).float()))
 
     def classify(self, z: torch.Tensor, class_names: Sequence[str] | None = None) -> torch.Tensor:
         """(N, C) raw s against "the {class}" prompts (default: `vocabulary.classes`); argmax = category."""
@@ -273,18 +269,6 @@ class DynRefer(nn.Module):
     # ------------------------------------------------------------------ inference and I/O
     def describe(self, image, boxes, phrases: Sequence[str] = (), **kwargs):
         """Caption, tags and phrase similarities for each box; see `dynrefer_core.describe.describe`."""
-        from ..describe import describe
+        from ..describe import describe  # describe.py builds on the model, not the other way round
 
         return describe(self, image, boxes, phrases, **kwargs)
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        from ..checkpoint import save_pretrained
-
-        return save_pretrained(self, folder)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None) -> "DynRefer":
-        from ..checkpoint import from_pretrained
-
-        return from_pretrained(folder, device=device, dtype=dtype)

@@ -86,6 +86,8 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.grid = config.grid_size
         self.vit = Blip2VisionModel(vision_config(config))
+        # Blip2VisionModel gives its post_layernorm the blocks' eps; LAVIS's ln_vision has its own (1e-5).
+        self.vit.post_layernorm.eps = config.vision_post_layernorm_eps
         if config.vision_stem == "conv":
             self.vit.embeddings.patch_embedding = ConvStem(config.vision_width, config.patch_size)
         self.roi_align = RoIAlign(output_size=self.grid, spatial_scale=1.0 / config.patch_size,

@@ -73,10 +73,13 @@ def crop_boxes(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     return c
 
 
-def map_box_to_view(base_crop: np.ndarray, view_crop: np.ndarray, size: int, rounding: str = "none") -> np.ndarray:
+BOX_ROUNDINGS = ("exact", "reference")
+
+
+def map_box_to_view(base_crop: np.ndarray, view_crop: np.ndarray, size: int, rounding: str = "exact") -> np.ndarray:
     """The base integer box (X1,Y1,X2,Y2) in the S-pixel coordinates of a view with crop (u1,v1,u2,v2) (spec §1.4).
 
-    ``rounding="none"``: ((X1-u1)·S/w, (Y1-v1)·S/h, ...) exactly, so view 0 is always [0, 0, S, S].
+    ``rounding="exact"``: ((X1-u1)·S/w, (Y1-v1)·S/h, ...) exactly, so view 0 is always [0, 0, S, S].
     ``rounding="reference"``: what the reference gets from torchvision's resize of an int64 box (times a float32
     ratio, truncated to int), e.g. 223 instead of 224 for a 23-pixel-wide crop.
     """
@@ -90,8 +93,8 @@ def map_box_to_view(base_crop: np.ndarray, view_crop: np.ndarray, size: int, rou
             return shifted.astype(np.float32)
         ratios = np.array([size / w, size / h, size / w, size / h], dtype=np.float32)
         return (shifted.astype(np.float32) * ratios).astype(np.int64).astype(np.float32)
-    if rounding != "none":
-        raise ValueError(f"rounding={rounding!r}: use 'none' or 'reference'")
+    if rounding not in BOX_ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r}: use one of {BOX_ROUNDINGS}")
     scale = np.array([w, h, w, h], dtype=np.float64)
     return (shifted.astype(np.float64) * size / scale).astype(np.float32)
 

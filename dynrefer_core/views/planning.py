@@ -12,16 +12,60 @@ Strategies:
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .geometry import CANDIDATE_TS, NUM_CANDIDATES, crop_boxes, region_box, view_boxes
+from .geometry import BOX_ROUNDINGS, CANDIDATE_TS, NUM_CANDIDATES, crop_boxes, region_box, view_boxes
 from .hashing import hash_hex, make_hasher
 from .imageio import ImageSource, load_image
 
 STRATEGIES = ("phash", "fixed", "random")
+
+
+class BoxError(ValueError):
+    """A box that cannot be planned: `index` is its position in the boxes given, `reason` what is wrong."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"box {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
+@dataclass(frozen=True)
+class ViewOptions:
+    """How the n views of a region are chosen and rendered; one value travels through every path.
+
+    n_views: t = 0 plus n-1 chosen views (None: the model's n). strategy: "phash" (image prior), "fixed"
+    (task prior: the n-1 `ts`, in order) or "random" (seeded by `seed`). alpha: the t^alpha discount of the
+    pHASH score. hash_name: the hash h_t (`HASH_NAMES`). box_rounding: how the region box is mapped into each
+    view, "exact" or "reference" (the release's truncation); None: the model's `DynReferConfig.box_rounding`.
+    Invalid combinations raise ValueError here, before any image is read.
+    """
+
+    n_views: int | None = None
+    strategy: str = "phash"
+    ts: tuple[float, ...] | None = None
+    alpha: float = 1.0
+    hash_name: str = "dct"
+    seed: int | None = None
+    box_rounding: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ts is not None:
+            object.__setattr__(self, "ts", tuple(float(t) for t in self.ts))
+        if self.box_rounding is not None and self.box_rounding not in BOX_ROUNDINGS:
+            raise ValueError(f"box_rounding={self.box_rounding!r}: use one of {BOX_ROUNDINGS}")
+        if self.n_views is not None:
+            _check_args(self.n_views, self.strategy, self.ts, self.alpha)
+        elif self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is not known: use one of {STRATEGIES}")
+
+    def resolve(self, config) -> "ViewOptions":
+        """These options with the model's n_views and box_rounding filled in where they are None."""
+        return dataclasses.replace(self, n_views=config.n_views if self.n_views is None else self.n_views,
+                                   box_rounding=self.box_rounding or config.box_rounding)
 
 
 @dataclass(eq=False)  # compared by identity: == on the hash_bits arrays would be ambiguous
@@ -80,20 +124,28 @@ def plan_views(image: ImageSource, box: Sequence[float], n_views: int = 3, strat
                ts: Sequence[float] | None = None, alpha: float = 1.0, hash_name: str = "dct",
                seed: int | None = None) -> ViewPlan:
     """Plan the n views of the region ``box`` = (x1, y1, x2, y2) in pixels of ``image``."""
-    return plan_views_batch(image, [box], n_views, strategy, ts=ts, alpha=alpha, hash_name=hash_name, seed=seed)[0]
+    options = ViewOptions(n_views, strategy, ts, alpha, hash_name, seed)
+    return plan_views_batch(image, [box], options)[0]
 
 
-def plan_views_batch(image: ImageSource, boxes: Sequence[Sequence[float]], n_views: int = 3,
-                     strategy: str = "phash", *, ts: Sequence[float] | None = None, alpha: float = 1.0,
-                     hash_name: str = "dct", seed: int | None = None) -> list[ViewPlan]:
+def plan_views_batch(image: ImageSource, boxes: Sequence[Sequence[float]], views: ViewOptions) -> list[ViewPlan]:
     """``plan_views`` for many regions of one image: the image is converted (and hashed per crop box) once.
 
-    With ``strategy="random"`` one Generator seeded with ``seed`` draws for all boxes in order.
+    With ``strategy="random"`` one Generator seeded with ``views.seed`` draws for all boxes in order. A box that
+    cannot be planned raises `BoxError` (a ValueError) with its index in ``boxes``.
     """
-    fixed_ts = _check_args(n_views, strategy, ts, alpha)
+    if views.n_views is None:
+        raise ValueError("ViewOptions.n_views is not set: give it, or resolve the options for a model first")
+    n_views, strategy, alpha, hash_name, seed = views.n_views, views.strategy, views.alpha, views.hash_name, views.seed
+    fixed_ts = _check_args(n_views, strategy, views.ts, alpha)
     rgb = np.asarray(load_image(image))
     size = (rgb.shape[1], rgb.shape[0])
-    regions = [region_box(b, size) for b in boxes]
+    regions = []
+    for i, b in enumerate(boxes):
+        try:
+            regions.append(region_box(b, size))
+        except ValueError as err:
+            raise BoxError(i, str(err)) from err
     if not regions:
         return []
     hasher = make_hasher(rgb, hash_name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .geometry import map_box_to_view
 from .imageio import ImageSource, load_image
-from .planning import ViewPlan
+from .planning import ViewOptions, ViewPlan, plan_views_batch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -24,23 +24,32 @@ MIN_CROPS_FOR_THREADS = 4  # one plan (3 views) renders faster in a plain loop t
 
 @dataclass
 class RenderedViews:
-    """pixel_values (N, n, 3, S, S) normalised; boxes (N, n, 4) region box per view in S-pixel coordinates."""
+    """pixel_values (N, n, 3, S, S) normalised; boxes (N, n, 4) region box per view in S-pixel coordinates;
+    crops: the S x S PIL images (N lists of n); plans: the ViewPlans they were rendered from (`prepare`)."""
 
     pixel_values: torch.Tensor
     boxes: torch.Tensor
     crops: list[list[Image.Image]]
+    plans: list[ViewPlan] = field(default_factory=list)
+    box_rounding: str = "exact"
 
-    def to_dict(self) -> dict:
-        return {"shape": list(self.pixel_values.shape), "boxes": self.boxes.tolist()}
+
+def prepare(image: ImageSource, boxes: Sequence[Sequence[float]], views: ViewOptions, size: int) -> RenderedViews:
+    """The CPU side of describing regions: plan the views of every box of one image and render them at
+    S = ``size`` (``views`` resolved for the model: n_views and box_rounding set)."""
+    if views.box_rounding is None:
+        raise ValueError("ViewOptions.box_rounding is not set: resolve the options for a model first")
+    pil = load_image(image)
+    return render_views(pil, plan_views_batch(pil, boxes, views), size, box_rounding=views.box_rounding)
 
 
 def render_views(image: ImageSource, plans: ViewPlan | Sequence[ViewPlan], size: int = 224, *,
-                 box_rounding: str = "none", workers: int | None = None) -> RenderedViews:
+                 box_rounding: str = "exact", workers: int | None = None) -> RenderedViews:
     """Crop the views of each plan from ``image`` (converted once) and build the model inputs.
 
     The crop is resized as a PIL image with torchvision's v2 ``resize`` (bicubic, aspect not kept), exactly the
     reference's path (its v2 ``Resize`` receives PIL crops, so PIL's antialiased bicubic does the work).
-    ``box_rounding``: "none" gives spec §1.4's exact mapping (view 0 = [0, 0, S, S]); "reference" truncates like
+    ``box_rounding``: "exact" gives spec §1.4's exact mapping (view 0 = [0, 0, S, S]); "reference" truncates like
     the reference's torchvision int64 box resize (see ``geometry.map_box_to_view``).
 
     Speed without changing a value: each distinct crop box is rendered once (views repeated across regions, such
@@ -55,7 +64,7 @@ def render_views(image: ImageSource, plans: ViewPlan | Sequence[ViewPlan], size:
             raise ValueError(f"plan was made for a {p.image_size[0]}x{p.image_size[1]} image but this image is "
                              f"{W}x{H}: plan and render the same image")
     if not plan_list:
-        return RenderedViews(torch.empty(0, 0, 3, size, size), torch.empty(0, 0, 4), [])
+        return RenderedViews(torch.empty(0, 0, 3, size, size), torch.empty(0, 0, 4), [], [], box_rounding)
     views = [p.views for p in plan_list]
     n = len(views[0])
     if any(len(v) != n for v in views):
@@ -101,4 +110,4 @@ def render_views(image: ImageSource, plans: ViewPlan | Sequence[ViewPlan], size:
     boxes = torch.from_numpy(np.stack([map_box_to_view(np.array(row[0].crop_box), np.array(v.crop_box), size,
                                                        box_rounding) for row in views for v in row]))
     return RenderedViews(pixel_values.view(len(plan_list), n, 3, size, size), boxes.view(len(plan_list), n, 4),
-                         crops)
+                         crops, plan_list, box_rounding)

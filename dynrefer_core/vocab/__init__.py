@@ -8,6 +8,7 @@ has `ram_tag_list.txt` loads it with `Vocabulary.default().with_tags_file(path)`
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,11 +75,34 @@ def _check_names(kind: str, names: list[str]) -> list[str]:
     return names
 
 
+def read_attributes(path: str | Path) -> list[Attribute]:
+    """Attributes from OVAD's `ovad2000.json` (the release's `model_configs/ovad2000.json`: an "attributes"
+    list of {"id", "name": "<type>:<syn1>/<syn2>", "is_has_att": "is" | "has"}, taken in id order) or from a
+    text file of "<is|has> <type>:<syn1>/<syn2>" lines (ours)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"attribute file {path} does not exist")
+    if path.suffix.lower() != ".json":
+        return [parse_attribute(line) for line in _read_lines(path)]
+    data = json.loads(path.read_text(encoding="utf-8"))
+    entries = data.get("attributes") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path} has no 'attributes' list (expected OVAD's ovad2000.json)")
+    try:
+        entries = sorted(entries, key=lambda e: e.get("id", 0))
+        return [parse_attribute(f"{e['is_has_att']} {e['name']}") for e in entries]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: every attribute needs 'name' and 'is_has_att' as in ovad2000.json ({err!r})") from err
+
+
 @dataclass
 class Vocabulary:
+    """Tags, class names and attributes, and where each list came from (`sources`, saved with a model)."""
+
     tags: list[str]
     classes: list[str]
     attributes: list[Attribute] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tags = _check_names("tag", self.tags)
@@ -87,7 +111,8 @@ class Vocabulary:
 
     @classmethod
     def default(cls) -> "Vocabulary":
-        return cls.from_folder(HERE)
+        return dataclasses.replace(cls.from_folder(HERE), sources={
+            "tags": "dynrefer-core tags.txt", "classes": "COCO-80", "attributes": "dynrefer-core attributes.txt"})
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Vocabulary":
@@ -96,10 +121,12 @@ class Vocabulary:
         if missing:
             raise FileNotFoundError(f"vocabulary folder {folder} lacks {missing}")
         attributes = folder / "attributes.txt"
+        sources = folder / "sources.json"
         return cls(
             tags=_read_lines(folder / "tags.txt"),
             classes=_read_lines(folder / "coco_classes.txt"),
             attributes=[parse_attribute(a) for a in _read_lines(attributes)] if attributes.is_file() else [],
+            sources=json.loads(sources.read_text(encoding="utf-8")) if sources.is_file() else {},
         )
 
     def save(self, folder: str | Path) -> None:
@@ -109,10 +136,18 @@ class Vocabulary:
         (folder / "coco_classes.txt").write_text("\n".join(self.classes) + "\n", encoding="utf-8")
         lines = [f"{a.kind} {a.name}" for a in self.attributes]
         (folder / "attributes.txt").write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+        if self.sources:
+            (folder / "sources.json").write_text(json.dumps(self.sources, indent=2) + "\n", encoding="utf-8")
 
     def with_tags_file(self, path: str | Path) -> "Vocabulary":
         """A copy with the tag list read from `path` (one tag per line, e.g. RAM's ram_tag_list.txt)."""
-        return dataclasses.replace(self, tags=_read_lines(Path(path)))
+        return dataclasses.replace(self, tags=_read_lines(Path(path)),
+                                   sources={**self.sources, "tags": Path(path).name})
+
+    def with_attributes_file(self, path: str | Path) -> "Vocabulary":
+        """A copy with the attributes of `path` (`read_attributes`: OVAD's ovad2000.json or our text format)."""
+        return dataclasses.replace(self, attributes=read_attributes(path),
+                                   sources={**self.sources, "attributes": Path(path).name})
 
     # Texts the frozen text encoder embeds (spec 4.0).
     def class_prompts(self) -> list[str]:
