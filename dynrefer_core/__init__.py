@@ -6,11 +6,12 @@
 """
 from .checkpoint import load_official_state_dict, official_state_dict
 from .config import DynReferConfig
-from .describe import RegionResult
+from .describe import RegionOutputs, RegionResult, describe_views
 from .modeling.dynrefer import DynRefer, DynReferOutput
-from .views import ViewCandidate, ViewPlan, load_image, plan_views, plan_views_batch, render_views
+from .views import (ViewCandidate, ViewOptions, ViewPlan, load_image, plan_views, plan_views_batch, prepare,
+                    render_views)
 from .vocab import Vocabulary
 
-__all__ = ["DynRefer", "DynReferConfig", "DynReferOutput", "RegionResult", "ViewCandidate", "ViewPlan",
-           "Vocabulary", "load_image", "load_official_state_dict", "official_state_dict", "plan_views",
-           "plan_views_batch", "render_views"]
+__all__ = ["DynRefer", "DynReferConfig", "DynReferOutput", "RegionOutputs", "RegionResult", "ViewCandidate",
+           "ViewOptions", "ViewPlan", "Vocabulary", "describe_views", "load_image", "load_official_state_dict",
+           "official_state_dict", "plan_views", "plan_views_batch", "prepare", "render_views"]
