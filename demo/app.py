@@ -40,9 +40,6 @@ if str(ROOT) not in sys.path:  # `python demo/app.py` from a fresh clone or a Sp
 
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
-import PIL.ImageDraw  # noqa: E402
-import PIL.ImageFont  # noqa: E402
-import PIL.ImageOps  # noqa: E402
 import torch  # noqa: E402
 from gradio_image_annotation import image_annotator  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402  (Figure, not pyplot: no global figure registry)
@@ -51,7 +48,7 @@ from dynrefer_core.config import DynReferConfig  # noqa: E402
 from dynrefer_core.modeling.dynrefer import DynRefer  # noqa: E402
 from dynrefer_core.runtime import choose_device  # noqa: E402
 from dynrefer_core.views import (BoxError, ImageLoadError, ViewOptions, ViewPlan, draw_views,  # noqa: E402
-                                 load_image, plan_views_batch)
+                                 load_image, plan_views_batch, view_tiles)
 from dynrefer_core.views.drawing import SELECTED as CHOSEN  # noqa: E402  (one colour for chosen views everywhere)
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "mini"
@@ -252,32 +249,6 @@ def box_error_message(boxes: list, exc: BoxError, start: int = 1) -> str:
 # ---------------------------------------------------------------------------------------------- rendering
 
 
-def _tile(image: PIL.Image.Image, crop_box: tuple, lines: list[str], chosen: bool, size: int = 220) -> PIL.Image.Image:
-    """A square gallery tile: the view's crop (letterboxed) above its numbers, framed in yellow when chosen."""
-    text_height = 22 * len(lines) + 8
-    crop = image.crop(tuple(int(v) for v in crop_box))
-    crop.thumbnail((size, size - text_height))
-    tile = PIL.Image.new("RGB", (size, size), (255, 255, 255))
-    tile.paste(crop, ((size - crop.width) // 2, (size - text_height - crop.height) // 2))
-    draw = PIL.ImageDraw.Draw(tile)
-    font = PIL.ImageFont.load_default(size=15)
-    for k, line in enumerate(lines):
-        draw.text((8, size - text_height + 4 + 22 * k), line, fill=(20, 20, 20), font=font)
-    return PIL.ImageOps.expand(tile, border=6 if chosen else 2, fill=CHOSEN if chosen else (200, 200, 200))
-
-
-def candidate_gallery(image: PIL.Image.Image, view_plan: ViewPlan) -> list[PIL.Image.Image]:
-    """The box itself (t=0) and the ten candidates: crop, t, score, Hamming to h_0, h_t in hex; chosen ones framed."""
-    base = view_plan.base
-    tiles = [_tile(image, base.crop_box, ["t=0: the box itself, view 0", "reference hash h_0", base.hash_hex], True)]
-    rank = {t: k for k, t in enumerate(view_plan.selected_ts)}
-    for c in view_plan.candidates:
-        head = f"t={c.t:.1f}: chosen, view {rank[c.t]}" if c.selected else f"t={c.t:.1f}"
-        lines = [head, f"score {c.score:.1f} · Hamming {c.hamming}", c.hash_hex]
-        tiles.append(_tile(image, c.crop_box, lines, c.selected))
-    return tiles
-
-
 def score_plot(view_plan: ViewPlan) -> Figure:
     """score(t) = Hamming(h_0, h_t) / t^alpha of the ten candidates; the chosen ones highlighted."""
     fig = Figure(figsize=(6.4, 3.8), dpi=110)
@@ -348,7 +319,7 @@ def on_views(value: dict | None, pick: int | None, *controls) -> tuple:
     chosen = ", ".join(f"{t:.1f}" for t in view_plan.selected_ts)
     note = (f"**Box {index + 1} of {len(boxes)}** in a {image.width}x{image.height} image: the model looks at "
             f"t = {chosen} (yellow). Each candidate view grows from the box (t = 0) to the whole image (t = 1).")
-    return choices, draw_views(image, view_plan), candidate_gallery(image, view_plan), score_plot(view_plan), note
+    return choices, draw_views(image, view_plan), view_tiles(image, view_plan), score_plot(view_plan), note
 
 
 def describe_json(loaded: LoadedModel, image: PIL.Image.Image, boxes: list, phrases: list[str],
