@@ -74,14 +74,16 @@ def _accept_any_file(annotator: image_annotator) -> None:
 
 
 def _region_card(item: dict) -> None:
-    """One region's results, side by side with the others: caption, views, tags, phrase similarity, timings."""
+    """One region's results, side by side with the others: caption, views (and how the box was rounded into
+    them), tags, phrase similarity, timings."""
     region, ts = item["region"], item["ts"]
     with gr.Column(min_width=320, variant="panel", elem_classes=["region-card"]):
         caption = f"“{region['caption']}”" if region["caption"].strip() else "(the model produced an empty caption)"
         box = ", ".join(f"{v:.0f}" for v in region["box"])
         views = ", ".join(f"{t:.1f}" for t in ts)
         gr.Markdown(f"### Region {item['index']}\n**{caption}**  \ncaption probability {region['caption_score']:.3f}"
-                    f" · box ({box}) · views t = {views}", elem_classes=["region-caption"])
+                    f" · box ({box}) · views t = {views} · box rounding: {region['box_rounding']}",
+                    elem_classes=["region-caption"])
         crop = item["crops"][0]
         gr.Markdown(f"What the model saw: {len(ts)} views, each resized to {crop.width}x{crop.height} px")
         gr.Gallery([(c, f"t={t:.1f}") for c, t in zip(item["crops"], ts)], columns=len(ts), height="auto",

@@ -176,6 +176,11 @@ def test_describe_renders_every_region_and_writes_the_json(loaded, photo, tmp_pa
         assert [v["t"] for v in views] == pytest.approx([k / 10 for k in range(11)])
         assert [v["t"] for v in views if v["selected"]] == sorted(card["ts"]) and region["selected_ts"] == card["ts"]
         assert region["caption"].strip()  # seeded tiny weights caption in words
+        assert region["box_rounding"] == loaded.model.config.box_rounding
+    with gr.Blocks() as page:  # the first card as the page renders it
+        app._region_card(cards[0])
+    text = " ".join(block.value for block in page.blocks.values() if isinstance(block, gr.Markdown))
+    assert "views t = 0.0, " in text and f"box rounding: {loaded.model.config.box_rounding}" in text
     assert json.loads(open(download["value"]).read()) == payload
     # Downloads older than an hour are deleted at the next call, not left to fill a Space's disk.
     old, other = tmp_path / "dynrefer-old.json", tmp_path / "notes.txt"
