@@ -17,7 +17,7 @@ APP = ROOT / "demo" / "app.py"
 
 
 def load_app():
-    """demo/app.py as a module (demo/ is a folder of scripts, not a package)."""
+    """demo/app.py as a module, loaded from its file: it is run as a script (`python demo/app.py`)."""
     if "dynrefer_demo_app" in sys.modules:
         return sys.modules["dynrefer_demo_app"]
     spec = importlib.util.spec_from_file_location("dynrefer_demo_app", APP)

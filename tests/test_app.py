@@ -1,4 +1,4 @@
-"""Unit tests of the demo's handlers (demo/app.py), without a server: parsing, errors, what each view shows."""
+"""Unit tests of the demo (demo/handlers.py, demo/app.py), without a server: parsing, errors, what each view shows."""
 from __future__ import annotations
 
 import glob
@@ -19,6 +19,7 @@ from demo_support import load_app, running_app, save_tiny_checkpoint
 from dynrefer_core.views import ViewOptions, plan_views
 
 app = load_app()
+handlers = app.handlers  # demo/handlers.py, as the app imports it
 CONTROLS = (3, "phash", "", "dct", 1.0, 0)  # n_views, strategy, fixed ts, hash, alpha, seed: the UI defaults
 
 
@@ -29,7 +30,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
-    result = app.load_model(str(checkpoint), "cpu")
+    result = handlers.load_model(str(checkpoint), "cpu")
     assert result.error is None, result.error
     return result
 
@@ -55,8 +56,8 @@ def annotation(path, *boxes):
 
 
 def test_parse_boxes_accepts_a_list_of_boxes_or_one_box():
-    assert app.parse_boxes("[[10, 20, 110, 120.5], [0, 0, 5, 5]]") == [(10, 20, 110, 120.5), (0, 0, 5, 5)]
-    assert app.parse_boxes("[1, 2, 3, 4]") == [(1, 2, 3, 4)]
+    assert handlers.parse_boxes("[[10, 20, 110, 120.5], [0, 0, 5, 5]]") == [(10, 20, 110, 120.5), (0, 0, 5, 5)]
+    assert handlers.parse_boxes("[1, 2, 3, 4]") == [(1, 2, 3, 4)]
 
 
 @pytest.mark.parametrize("text, words", [
@@ -68,35 +69,35 @@ def test_parse_boxes_accepts_a_list_of_boxes_or_one_box():
 ])
 def test_parse_boxes_explains_bad_input(text, words):
     with pytest.raises(gr.Error, match=words):
-        app.parse_boxes(text)
+        handlers.parse_boxes(text)
 
 
 def test_parse_phrases_splits_on_commas_and_drops_blanks():
-    assert app.parse_phrases(" a red car, ,the sky ,, ") == ["a red car", "the sky"]
-    assert app.parse_phrases(None) == []
+    assert handlers.parse_phrases(" a red car, ,the sky ,, ") == ["a red car", "the sky"]
+    assert handlers.parse_phrases(None) == []
 
 
 def test_view_options_fixed_strategy_takes_n_from_the_ts():
-    options = app.view_options(5, "fixed", "0.3, 1.0", "dct", 1.0, 0)
+    options = handlers.view_options(5, "fixed", "0.3, 1.0", "dct", 1.0, 0)
     assert options == ViewOptions(n_views=3, strategy="fixed", ts=(0.3, 1.0), hash_name="dct", alpha=1.0, seed=0)
-    assert app.view_options(4, "phash", "0.3", "dhash", 2.0, None).ts is None  # ts only matter for "fixed"
+    assert handlers.view_options(4, "phash", "0.3", "dhash", 2.0, None).ts is None  # ts only matter for "fixed"
     with pytest.raises(gr.Error, match="needs t values"):
-        app.view_options(3, "fixed", "", "dct", 1.0, 0)
+        handlers.view_options(3, "fixed", "", "dct", 1.0, 0)
     with pytest.raises(gr.Error, match="numbers between 0 and 1"):
-        app.view_options(3, "fixed", "0.3, far", "dct", 1.0, 0)
+        handlers.view_options(3, "fixed", "0.3, far", "dct", 1.0, 0)
 
 
 def test_boxes_come_out_in_drawing_order(photo):
-    src, boxes = app.boxes_from_annotation(annotation(photo, (1, 2, 30, 40), (5, 6, 70, 80)))
+    src, boxes = handlers.boxes_from_annotation(annotation(photo, (1, 2, 30, 40), (5, 6, 70, 80)))
     assert src == str(photo)
     assert boxes == [(1, 2, 30, 40), (5, 6, 70, 80)]
-    assert app.boxes_from_annotation(None) == (None, [])
+    assert handlers.boxes_from_annotation(None) == (None, [])
 
 
 def test_boxes_outside_the_original_image_are_refused():
-    app.check_boxes([(0, 0, 640, 480), (-0.5, 0, 640.5, 480)], (640, 480))  # within 1 px: rounding
+    handlers.check_boxes([(0, 0, 640, 480), (-0.5, 0, 640.5, 480)], (640, 480))  # within 1 px: rounding
     with pytest.raises(gr.Error, match=r"Box 2 \(0, 0, 700, 100\) lies outside the 640x480 image"):
-        app.check_boxes([(0, 0, 10, 10), (0, 0, 700, 100)], (640, 480))
+        handlers.check_boxes([(0, 0, 10, 10), (0, 0, 700, 100)], (640, 480))
 
 
 def test_the_annotator_hands_over_the_uploaded_file_and_unscaled_boxes(photo):
@@ -119,7 +120,7 @@ def test_the_annotator_hands_over_the_uploaded_file_and_unscaled_boxes(photo):
 
 
 def test_views_appear_as_soon_as_a_box_exists(photo):
-    pick, drawn, tiles, figure, note = app.on_views(annotation(photo, (100, 100, 200, 200)), None, *CONTROLS)
+    pick, drawn, tiles, figure, note = handlers.on_views(annotation(photo, (100, 100, 200, 200)), None, *CONTROLS)
     expected = plan_views(Image.open(photo), (100, 100, 200, 200))
     assert pick["choices"] == [("Box 1: (100, 100, 200, 200)", 0)] and pick["value"] == 0
     assert drawn.size == (640, 480)  # drawn on the full-resolution image
@@ -131,26 +132,26 @@ def test_views_appear_as_soon_as_a_box_exists(photo):
 
 def test_views_follow_the_picked_box_and_the_controls(photo):
     value = annotation(photo, (100, 100, 200, 200), (300, 200, 400, 300))
-    pick, *_ , note = app.on_views(value, None, *CONTROLS)
+    pick, *_ , note = handlers.on_views(value, None, *CONTROLS)
     assert pick["value"] == 1 and note.startswith("**Box 2 of 2**")  # the newest box by default
-    pick, *_ , note = app.on_views(value, 0, 4, "fixed", "0.5, 0.7, 1.0", "dct", 1.0, 0)
+    pick, *_ , note = handlers.on_views(value, 0, 4, "fixed", "0.5, 0.7, 1.0", "dct", 1.0, 0)
     assert pick["value"] == 0 and "t = 0.0, 0.5, 0.7, 1.0" in note
 
 
 def test_a_box_being_drawn_is_explained_not_raised(photo):
     """Mid-drag the component reports a zero-area box: say so quietly instead of a pop-up error."""
-    _, drawn, tiles, figure, note = app.on_views(annotation(photo, (100, 100, 100, 150)), None, *CONTROLS)
+    _, drawn, tiles, figure, note = handlers.on_views(annotation(photo, (100, 100, 100, 150)), None, *CONTROLS)
     assert drawn is None and tiles == [] and figure is None
     assert "Box 1 (100, 100, 100, 150)" in note and "zero" in note
 
 
 def test_no_image_or_no_box_gives_a_hint_and_a_broken_upload_an_error(photo, tmp_path):
-    assert "Upload an image" in app.on_views(None, None, *CONTROLS)[-1]
-    assert "draw a box" in app.on_views(annotation(photo), None, *CONTROLS)[-1]
+    assert "Upload an image" in handlers.on_views(None, None, *CONTROLS)[-1]
+    assert "draw a box" in handlers.on_views(annotation(photo), None, *CONTROLS)[-1]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not an image")
     with pytest.raises(gr.Error, match="Could not read the image"):
-        app.on_views(annotation(broken), None, *CONTROLS)
+        handlers.on_views(annotation(broken), None, *CONTROLS)
 
 
 # ------------------------------------------------------------------------------------------ describe
@@ -158,7 +159,7 @@ def test_no_image_or_no_box_gives_a_hint_and_a_broken_upload_an_error(photo, tmp
 
 def test_describe_renders_every_region_and_writes_the_json(loaded, photo, tmp_path):
     boxes = [(100, 100, 200, 200), (300, 200, 400, 300)]
-    cards, annotated, download, payload = app.on_describe(
+    cards, annotated, download, payload = handlers.on_describe(
         loaded, tmp_path, annotation(photo, *boxes), "a red square, grey noise, a dog", *CONTROLS)
     image, annotations = annotated["value"]
     assert annotated["visible"] and download["visible"]
@@ -175,19 +176,24 @@ def test_describe_renders_every_region_and_writes_the_json(loaded, photo, tmp_pa
         assert [v["t"] for v in views] == pytest.approx([k / 10 for k in range(11)])
         assert [v["t"] for v in views if v["selected"]] == sorted(card["ts"]) and region["selected_ts"] == card["ts"]
         assert region["caption"].strip()  # seeded tiny weights caption in words
+        assert region["box_rounding"] == loaded.model.config.box_rounding
+    with gr.Blocks() as page:  # the first card as the page renders it
+        app._region_card(cards[0])
+    text = " ".join(block.value for block in page.blocks.values() if isinstance(block, gr.Markdown))
+    assert "views t = 0.0, " in text and f"box rounding: {loaded.model.config.box_rounding}" in text
     assert json.loads(open(download["value"]).read()) == payload
     # Downloads older than an hour are deleted at the next call, not left to fill a Space's disk.
     old, other = tmp_path / "dynrefer-old.json", tmp_path / "notes.txt"
     old.write_text("{}"), other.write_text("mine")
-    os.utime(old, (time.time() - 2 * app.DOWNLOAD_MAX_AGE_S,) * 2)
-    again = app.on_describe(loaded, tmp_path, annotation(photo, boxes[0]), "", *CONTROLS)[2]["value"]
+    os.utime(old, (time.time() - 2 * handlers.DOWNLOAD_MAX_AGE_S,) * 2)
+    again = handlers.on_describe(loaded, tmp_path, annotation(photo, boxes[0]), "", *CONTROLS)[2]["value"]
     assert not old.exists() and other.exists() and Path(download["value"]).exists() and Path(again).exists()
 
 
 def test_the_model_sees_the_full_resolution(loaded, tmp_path):
     big = tmp_path / "big.jpg"
     Image.new("RGB", (2400, 1600), (30, 120, 200)).save(big)
-    payload = app.on_describe(loaded, tmp_path, annotation(big, (1800, 1200, 2300, 1550)), "", *CONTROLS)[-1]
+    payload = handlers.on_describe(loaded, tmp_path, annotation(big, (1800, 1200, 2300, 1550)), "", *CONTROLS)[-1]
     assert payload["image_size"] == [2400, 1600]
     assert payload["regions"][0]["box"] == [1800, 1200, 2300, 1550]
     assert payload["regions"][0]["views"][0]["crop_box"] == [1800, 1200, 2300, 1550]
@@ -195,32 +201,32 @@ def test_the_model_sees_the_full_resolution(loaded, tmp_path):
 
 def test_describe_errors_name_the_problem(loaded, photo, tmp_path):
     with pytest.raises(gr.Error, match="No image"):
-        app.on_describe(loaded, tmp_path, None, "", *CONTROLS)
+        handlers.on_describe(loaded, tmp_path, None, "", *CONTROLS)
     with pytest.raises(gr.Error, match="No box"):
-        app.on_describe(loaded, tmp_path, annotation(photo), "", *CONTROLS)
+        handlers.on_describe(loaded, tmp_path, annotation(photo), "", *CONTROLS)
     with pytest.raises(gr.Error, match=r"Box 2 \(50, 50, 50, 90\).*zero"):
-        app.on_describe(loaded, tmp_path, annotation(photo, (10, 10, 60, 60), (50, 50, 50, 90)), "", *CONTROLS)
+        handlers.on_describe(loaded, tmp_path, annotation(photo, (10, 10, 60, 60), (50, 50, 50, 90)), "", *CONTROLS)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not an image")
     with pytest.raises(gr.Error, match="Could not read the image"):
-        app.on_describe(loaded, tmp_path, annotation(broken, (1, 1, 5, 5)), "", *CONTROLS)
+        handlers.on_describe(loaded, tmp_path, annotation(broken, (1, 1, 5, 5)), "", *CONTROLS)
     with pytest.raises(gr.Error, match="n_views=4"):  # the slider previews any n; the model fuses its own n
-        app.on_describe(loaded, tmp_path, annotation(photo, (10, 10, 60, 60)), "", 4, "phash", "", "dct", 1.0, 0)
+        handlers.on_describe(loaded, tmp_path, annotation(photo, (10, 10, 60, 60)), "", 4, "phash", "", "dct", 1.0, 0)
 
 
 def test_a_bad_option_is_not_blamed_on_a_box(photo):
     with pytest.raises(gr.Error) as error:
-        app.api_plan_views(str(photo), "[[100, 100, 200, 200]]", 3, "sideways")
+        handlers.api_plan_views(str(photo), "[[100, 100, 200, 200]]", 3, "sideways")
     assert "strategy='sideways'" in error.value.message and "Box" not in error.value.message
 
 
 def test_api_handlers_return_the_documented_json(loaded, photo):
-    plans = app.api_plan_views(str(photo), "[[100, 100, 200, 200]]", *CONTROLS)
+    plans = handlers.api_plan_views(str(photo), "[[100, 100, 200, 200]]", *CONTROLS)
     assert plans["image_size"] == [640, 480]
     region = plans["regions"][0]
     assert len(region["candidates"]) == 10 and region["selected_ts"][0] == 0.0
     assert all(len(c["hash_hex"]) == 16 for c in region["candidates"])
-    described = app.api_describe(loaded, str(photo), "[[100, 100, 200, 200]]", "a red square", *CONTROLS)
+    described = handlers.api_describe(loaded, str(photo), "[[100, 100, 200, 200]]", "a red square", *CONTROLS)
     assert set(described) == {"model", "image_size", "regions"}
     assert {"box", "views", "caption", "caption_score", "tags", "similarity", "timings"} <= set(described["regions"][0])
 
@@ -229,22 +235,22 @@ def test_api_handlers_return_the_documented_json(loaded, photo):
 
 
 def test_a_missing_checkpoint_is_reported_not_fatal(tmp_path, photo):
-    missing = app.load_model(str(tmp_path / "nowhere"), "cpu")
+    missing = handlers.load_model(str(tmp_path / "nowhere"), "cpu")
     assert missing.model is None and "nowhere" in missing.error and missing.banner().startswith("⛔")
     with pytest.raises(gr.Error, match="Could not load the checkpoint"):
-        app.on_describe(missing, tmp_path, annotation(photo, (10, 10, 60, 60)), "", *CONTROLS)
+        handlers.on_describe(missing, tmp_path, annotation(photo, (10, 10, 60, 60)), "", *CONTROLS)
 
 
 def test_a_device_that_does_not_exist_is_reported_not_fatal(monkeypatch, tmp_path):
-    monkeypatch.setattr(app, "DEFAULT_CHECKPOINT", tmp_path / "mini")
+    monkeypatch.setattr(handlers, "DEFAULT_CHECKPOINT", tmp_path / "mini")
     for device in ("cuda:99", "no-such-device"):
-        result = app.load_model(None, device)
+        result = handlers.load_model(None, device)
         assert result.model is None and device in result.error and "--device cpu" in result.error
 
 
 def test_without_the_bundled_checkpoint_random_weights_are_announced(monkeypatch, tmp_path):
-    monkeypatch.setattr(app, "DEFAULT_CHECKPOINT", tmp_path / "mini")
-    fallback = app.load_model(None, "cpu")
+    monkeypatch.setattr(handlers, "DEFAULT_CHECKPOINT", tmp_path / "mini")
+    fallback = handlers.load_model(None, "cpu")
     assert fallback.random_weights and fallback.model is not None
     assert "Random weights" in fallback.banner() and "DynReferConfig.tiny()" in fallback.banner()
 
@@ -268,7 +274,7 @@ def test_the_downloads_folder_goes_when_the_app_stops(checkpoint):
 
 def test_main_never_shares_unless_asked(monkeypatch, loaded):
     launched = []
-    monkeypatch.setattr(app, "load_model", lambda checkpoint, device: loaded)
+    monkeypatch.setattr(handlers, "load_model", lambda checkpoint, device: loaded)
     monkeypatch.setattr(app, "build_app", lambda model: types.SimpleNamespace(launch=lambda **kw: launched.append(kw)))
     app.main(["--port", "7999"])
     app.main(["--share", "--host", "0.0.0.0"])
@@ -284,13 +290,15 @@ def test_spaces_gpu_wraps_the_model_call_when_available(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
     monkeypatch.delitem(sys.modules, "dynrefer_demo_app")
+    monkeypatch.delitem(sys.modules, "demo.handlers")  # imported anew by the app, as in a fresh process
+    monkeypatch.delattr(sys.modules["demo"], "handlers")
     load_app()
     assert wrapped == ["run_describe"]
 
 
 def test_the_bundled_model_is_named_as_such(monkeypatch, checkpoint):
-    monkeypatch.setattr(app, "DEFAULT_CHECKPOINT", checkpoint)
-    bundled = app.load_model(None, "cpu")
+    monkeypatch.setattr(handlers, "DEFAULT_CHECKPOINT", checkpoint)
+    bundled = handlers.load_model(None, "cpu")
     assert bundled.bundled and not bundled.random_weights and "DynRefer-mini" in bundled.banner()
-    chosen = app.load_model(str(checkpoint), "cpu")
+    chosen = handlers.load_model(str(checkpoint), "cpu")
     assert not chosen.bundled and "DynRefer-mini" not in chosen.banner()

@@ -97,7 +97,7 @@ def test_draw_boxes_and_describe_them(example, tmp_path):
             wait_until(lambda: views.count() == 3, what="the three views the model saw")
             caption = card.locator(".region-caption").first.inner_text()
             assert re.search(r"“.+”", caption), caption  # a non-empty caption in quotes
-            assert "views t = 0.0, " in caption
+            assert "views t = 0.0, " in caption and re.search(r"box rounding: (exact|reference)", caption), caption
         assert page.locator("#download").is_visible()
         views = page.locator(".model-views img")
 

@@ -1,8 +1,8 @@
-"""draw_views and contact_sheet draw what the plan says."""
+"""draw_views, view_tiles and contact_sheet draw what the plan says."""
 import numpy as np
 
-from dynrefer_core.views import contact_sheet, draw_views, plan_views
-from dynrefer_core.views.drawing import OTHER, REGION, SELECTED
+from dynrefer_core.views import contact_sheet, draw_views, plan_views, view_tiles
+from dynrefer_core.views.drawing import OTHER, REGION, SELECTED, UNCHOSEN
 
 
 def scene():
@@ -42,3 +42,15 @@ def test_contact_sheet_has_a_tile_per_view():
     assert arr[10 + 50, 10 - 3].tolist() == list(SELECTED)
     # The region crop is the grey square, so the base tile's centre is grey.
     assert arr[10 + 50, 10 + 50].tolist() == [200, 200, 200]
+
+
+def test_view_tiles_one_per_view_chosen_ones_framed():
+    img = scene()
+    plan = plan_views(img, (150, 120, 230, 170), n_views=3, strategy="fixed", ts=[0.35, 1.0])  # 0.35: off the grid
+    tiles = view_tiles(img, plan, size=100)
+    assert len(tiles) == 12  # t = 0, the ten candidates, the off-grid 0.35
+    assert {t.size for t in tiles} == {(108, 166)}
+    chosen = [np.asarray(t)[50, 1].tolist() == list(SELECTED) for t in tiles]
+    assert chosen == [v is plan.base or v.selected for v in plan.all_views] and sum(chosen) == 3
+    assert all(np.asarray(t)[50, 1].tolist() == list(UNCHOSEN) for t, c in zip(tiles, chosen) if not c)
+    assert np.asarray(tiles[0])[4 + 50, 4 + 50].tolist() == [200, 200, 200]  # the region crop: the grey square

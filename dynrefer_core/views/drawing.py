@@ -1,15 +1,18 @@
-"""Pictures of a ViewPlan for people: the nested views on the image, and a contact sheet of the crops."""
+"""Pictures of a ViewPlan for people: the nested views on the image, and one tile per view (crop and numbers)."""
 from __future__ import annotations
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .imageio import ImageSource, load_image
-from .planning import ViewCandidate, ViewPlan
+from .planning import ViewPlan
 
 REGION = (255, 64, 64)       # the region b itself
 SELECTED = (255, 196, 0)     # chosen views
 OTHER = (90, 200, 255)       # candidates not chosen
+UNCHOSEN = (200, 200, 200)   # the frame of a view tile not chosen
 TEXT_BG = (0, 0, 0, 170)
+FRAME = 4                    # px around a view tile
+TILE_TEXT = 58               # px of numbers under a view tile's crop
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -60,30 +63,44 @@ def draw_views(image: ImageSource, plan: ViewPlan, *, show_all: bool = True) -> 
     return Image.alpha_composite(base, overlay).convert("RGB")
 
 
-def contact_sheet(image: ImageSource, plan: ViewPlan, *, tile: int = 180, columns: int = 4) -> Image.Image:
-    """The crops of the base view and every candidate in a grid, each with t, hash hex, Hamming to h_0 and
-    score; the selected views are framed."""
+def view_tiles(image: ImageSource, plan: ViewPlan, *, size: int = 180) -> list[Image.Image]:
+    """One tile per view in `plan.all_views`: the crop fitted into size x size, then t, score, Hamming to h_0
+    and h_t in hex; framed in yellow (with its rank) when the model uses the view.
+
+    Every tile is (size + 2 FRAME) x (size + TILE_TEXT + 2 FRAME), so that galleries and `contact_sheet` line
+    them up; the crop keeps its aspect ratio, so a view's shape reads off its tile.
+    """
     rgb = load_image(image)
-    views: list[ViewCandidate] = [plan.base, *plan.candidates, *plan.extra]
-    font, small = _font(15), _font(13)
-    pad, text_h = 10, 58
-    rows = -(-len(views) // columns)
-    sheet = Image.new("RGB", (columns * (tile + pad) + pad, rows * (tile + text_h + pad) + pad), (30, 30, 34))
-    draw = ImageDraw.Draw(sheet)
-    for i, v in enumerate(views):
-        x = pad + (i % columns) * (tile + pad)
-        y = pad + (i // columns) * (tile + text_h + pad)
-        sheet.paste(rgb.crop(v.crop_box).resize((tile, tile), Image.Resampling.BICUBIC), (x, y))
+    title, small = _font(15), _font(13)
+    tiles = []
+    for v in plan.all_views:
         chosen = v is plan.base or v.selected
-        if chosen:
-            rank = plan.selected_ts.index(v.t)
-            draw.rectangle((x - 4, y - 4, x + tile + 3, y + tile + text_h - 2), outline=SELECTED, width=4)
-            _label(draw, (x + 4, y + 4), f"view {rank}", small, SELECTED)
-        title = "t=0 (region)" if v is plan.base else f"t={v.t:g}"
-        draw.text((x, y + tile + 4), title, font=font, fill=SELECTED if chosen else (235, 235, 235))
-        if v is not plan.base:
-            draw.text((x + tile, y + tile + 4), f"score {v.score:.1f}", font=font, anchor="ra",
-                      fill=(235, 235, 235))
-        draw.text((x, y + tile + 23), f"hash {v.hash_hex}", font=small, fill=(180, 180, 190))
-        draw.text((x, y + tile + 40), f"Hamming {v.hamming}/64", font=small, fill=(180, 180, 190))
+        if v is plan.base:
+            lines = ["t=0: the box itself, view 0", "reference hash h_0"]
+        else:
+            head = f"t={v.t:g}: chosen, view {plan.selected_ts.index(v.t)}" if v.selected else f"t={v.t:g}"
+            lines = [head, f"score {v.score:.1f} · Hamming {v.hamming}"]
+        tile = Image.new("RGB", (size + 2 * FRAME, size + TILE_TEXT + 2 * FRAME), SELECTED if chosen else UNCHOSEN)
+        tile.paste((255, 255, 255), (FRAME, FRAME, FRAME + size, FRAME + size + TILE_TEXT))
+        crop = ImageOps.contain(rgb.crop(v.crop_box), (size, size), Image.Resampling.BICUBIC)
+        tile.paste(crop, (FRAME + (size - crop.width) // 2, FRAME + (size - crop.height) // 2))
+        draw = ImageDraw.Draw(tile)
+        x, y = FRAME + 6, FRAME + size
+        draw.text((x, y + 4), lines[0], font=title, fill=(20, 20, 20))
+        draw.text((x, y + 23), lines[1], font=small, fill=(20, 20, 20))
+        draw.text((x, y + 40), v.hash_hex, font=small, fill=(110, 110, 120))
+        tiles.append(tile)
+    return tiles
+
+
+def contact_sheet(image: ImageSource, plan: ViewPlan, *, tile: int = 180, columns: int = 4) -> Image.Image:
+    """`view_tiles` in a grid of `columns`, t = 0 first: one picture of why the chosen views won."""
+    tiles = view_tiles(image, plan, size=tile)
+    pad = 10  # > 2 FRAME: neighbouring frames never touch
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * (tile + pad) + pad, rows * (tile + TILE_TEXT + pad) + pad), (255, 255, 255))
+    for i, picture in enumerate(tiles):
+        x = pad + (i % columns) * (tile + pad)
+        y = pad + (i // columns) * (tile + TILE_TEXT + pad)
+        sheet.paste(picture, (x - FRAME, y - FRAME))
     return sheet
