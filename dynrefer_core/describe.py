@@ -210,19 +210,26 @@ def describe(model, image, boxes: Sequence[Sequence[float]], phrases: Sequence[s
                          tag_threshold=tag_threshold, batch_size=batch_size, **generation)
     timings = {"views": views_ms, **{k: v for k, v in out.timings.items() if k != "views"}}
     timings["total"] = sum(timings.values())
+    return region_results(rendered.plans, out, phrases, box_rounding=rendered.box_rounding, top_classes=top_classes,
+                          crops=rendered.crops, timings=timings)
+
+
+def region_results(plans: Sequence[ViewPlan], out: RegionOutputs, phrases: Sequence[str] = (), *,
+                   box_rounding: str, top_classes: int = 5, crops: Sequence[list[Image.Image]] | None = None,
+                   timings: dict[str, float] | None = None) -> list[RegionResult]:
+    """One RegionResult per region of `describe_views`'s answer. `out.similarity` columns are `phrases` (the
+    cleaned list describe_views scored); `crops`, `timings`: what describe measured, if anything."""
+    phrases = [p.strip() for p in phrases if p and p.strip()]
     results = []
-    for i, plan in enumerate(rendered.plans):
+    for i, plan in enumerate(plans):
         category, class_scores = None, []
         if out.class_scores is not None:
             top = torch.argsort(out.class_scores[i], descending=True)[:top_classes].tolist()
             class_scores = [(out.classes[j], float(out.class_scores[i, j])) for j in top]
             category = class_scores[0][0]
-        similarity = []
-        if out.similarity is not None:
-            similarity = [(p, float(s)) for p, s in zip([p.strip() for p in phrases if p and p.strip()],
-                                                        out.similarity[i])]
+        similarity = [(p, float(s)) for p, s in zip(phrases, out.similarity[i])] if out.similarity is not None else []
         results.append(RegionResult(
             box=plan.box, plan=plan, caption=out.captions[i], caption_score=out.caption_scores[i], tags=out.tags[i],
             similarity=similarity, category=category, class_scores=class_scores, control=out.controls[i],
-            box_rounding=rendered.box_rounding, timings=dict(timings), crops=rendered.crops[i]))
+            box_rounding=box_rounding, timings=dict(timings or {}), crops=list(crops[i]) if crops else []))
     return results

@@ -149,13 +149,19 @@ def load_annotations(path: str | Path, *, tag_list: list[str] | str | Path | Non
                              list(info.get("attributes", [])), info)
 
 
-def _region(a: dict, tags: list[str], path: Path) -> Region:
+def annotation_box(a: dict, path: Path) -> tuple[float, float, float, float]:
+    """The region box of one annotation (spec 1.1): its polygon's extent, else its x1, y1, x2, y2 `bbox`."""
     box = box_from_segmentation(a.get("segmentation"))
     if box is None:
         if "bbox" not in a:
             raise ValueError(f"annotation {a.get('id')} in {path} has neither segmentation nor bbox")
         x1, y1, x2, y2 = (float(v) for v in a["bbox"])
         box = (x1, y1, max(x2, x1 + 1.0), max(y2, y1 + 1.0))
+    return box
+
+
+def _region(a: dict, tags: list[str], path: Path) -> Region:
+    box = annotation_box(a, path)
     extra = a.get("extra_info") or {}
     names: list[str] = []
     if "tags" in extra:
