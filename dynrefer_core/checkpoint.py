@@ -67,7 +67,9 @@ TRAINABLE_PREFIXES = ("align.", "fusion.", "language.control_memory", "tag_decod
                       "qformer.model.", "language.proj.")
 
 
-def _map(key: str, table) -> str | None:
+def map_prefix(key: str, table) -> str | None:
+    """`key` renamed by the first (source prefix, target prefix) of `table` that matches it (a prefix ending
+    in "." matches what starts with it, any other only itself); None if none matches."""
     for src, dst in table:
         if key == src or (src.endswith(".") and key.startswith(src)):
             rest = key[len(src):]
@@ -81,11 +83,11 @@ def _map(key: str, table) -> str | None:
 
 def release_to_ours(key: str) -> str | None:
     """Our parameter name for a release key (None if the key is not one of the mapped families)."""
-    return _map(key, _PREFIXES + _BLIP2_EXTRAS)
+    return map_prefix(key, _PREFIXES + _BLIP2_EXTRAS)
 
 
 def ours_to_release(key: str) -> str | None:
-    return _map(key, [(d, s) for s, d in _PREFIXES])
+    return map_prefix(key, [(d, s) for s, d in _PREFIXES])
 
 
 def _trainable_names(model) -> list[str]:
@@ -105,10 +107,11 @@ def official_state_dict(model, include_blip2: bool = False, tied_embeddings: boo
     for name in _trainable_names(model):
         out[ours_to_release(name)] = state[name].detach().cpu().clone()
     if include_blip2:
-        for src, dst in _BLIP2_EXTRAS:
-            for name in state:
-                if name == dst or (dst.endswith(".") and name.startswith(dst)):
-                    out[src + name[len(dst):]] = state[name].detach().cpu().clone()
+        back = [(d, s) for s, d in _BLIP2_EXTRAS]
+        for name in state:
+            key = map_prefix(name, back)
+            if key is not None:
+                out[key] = state[name].detach().cpu().clone()
     if tied_embeddings:
         for key in TIED_T5_KEYS:
             out[key] = state[_T5_EMBEDDINGS].detach().cpu().clone()
@@ -222,17 +225,18 @@ def save_pretrained(model, folder: str | Path) -> Path:
     return folder
 
 
-def resolve_folder(folder_or_hub_id: str | Path) -> Path:
-    """A local folder, or a Hugging Face Hub model id downloaded (or found in the cache) as one."""
+def resolve_folder(folder_or_hub_id: str | Path, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder, or a Hugging Face Hub model id downloaded (or found in the cache) as one
+    (`allow_patterns`: only the files that match)."""
     path = Path(folder_or_hub_id)
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"{path} is a file; from_pretrained needs a model folder (see save_pretrained)")
+        raise ValueError(f"{path} is a file; give a model folder (see save_pretrained) or a Hugging Face Hub id")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(folder_or_hub_id)))
+        return Path(snapshot_download(str(folder_or_hub_id), allow_patterns=allow_patterns))
     except Exception as err:
         raise FileNotFoundError(f"{folder_or_hub_id!r} is neither a local model folder nor a reachable Hugging Face "
                                 f"Hub model ({type(err).__name__}: {err})") from err

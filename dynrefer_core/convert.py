@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_official_state_dict, map_prefix, resolve_folder
 from .config import DynReferConfig, LanguageConfig, TextEncoderConfig
 from .vocab import Vocabulary
 
@@ -65,16 +66,10 @@ def release_state_dict(obj) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------- BLIP-2 (HF format)
 def resolve_hf_folder(src: str | Path) -> Path:
-    path = Path(src)
-    if path.is_dir():
-        return path
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as err:
-        raise ConversionError(f"{src!r} is not a local folder and could not be fetched from the Hugging Face Hub "
-                              f"({type(err).__name__}: {err})") from err
+        return resolve_folder(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except (FileNotFoundError, ValueError) as err:
+        raise ConversionError(str(err)) from err
 
 
 class TensorFolder:
@@ -122,12 +117,9 @@ class TensorFolder:
 
 
 def blip2_to_ours(key: str) -> str | None:
-    for src, dst in (("vision_model.", "vision.vit."), ("qformer.", "qformer.model."),
-                     ("language_projection.", "language.proj."), ("language_model.", "language.t5."),
-                     ("query_tokens", "qformer.query_tokens")):
-        if key == src or (src.endswith(".") and key.startswith(src)):
-            return dst + key[len(src):]
-    return None
+    return map_prefix(key, [("vision_model.", "vision.vit."), ("qformer.", "qformer.model."),
+                            ("language_projection.", "language.proj."), ("language_model.", "language.t5."),
+                            ("query_tokens", "qformer.query_tokens")])
 
 
 # ---------------------------------------------------------------------------- EVA-CLIP text tower
@@ -238,7 +230,6 @@ def convert(release: str | Path, blip2: str | Path, eva_clip: str | Path, clip_t
             head_heads: int = 4, tag_threshold: float | None = None) -> Path:
     from transformers.initialization import no_init_weights
 
-    from .checkpoint import load_official_state_dict
     from .modeling.dynrefer import DynRefer
     from .modeling.tokenization import load_tokenizer
 

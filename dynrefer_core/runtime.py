@@ -3,8 +3,8 @@
 CUDA: bf16 autocast when the card supports it (the release runs FlanT5 in bf16). fp16 is refused for
 FlanT5: its activations overflow fp16's range (inf/NaN captions), a known T5 problem.
 CPU: fp32 unless bf16 is asked for. bf16 autocast is refused (fp32, with a warning) on CPUs without native
-bf16 matmuls (AVX512-BF16 or AMX), where it is slower than fp32; where they exist it is faster (DynRefer-mini
-training on 2 such cores: 6 % less time per warm-up step, 12 % per main step).
+bf16 matmuls (AVX512-BF16 or AMX), where it is slower than fp32 (docs/dynrefer-mini.md has the gain where
+they exist).
 """
 from __future__ import annotations
 
