@@ -63,6 +63,7 @@ def release_dict(c: DynReferConfig, seed: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny():
+    """This module's own tiny model, which release weights are loaded into (the shared tiny_model is read-only)."""
     torch.manual_seed(0)
     return DynRefer(DynReferConfig.tiny()).eval()
 
@@ -129,39 +130,39 @@ def test_bad_checkpoints_are_refused_naming_every_key(tiny):
         load_official_state_dict(tiny, {"model": {"a": 1}})
 
 
-def test_save_and_load_round_trip(tiny, tmp_path):
+def test_save_and_load_round_trip(tiny_model, tmp_path):
     from dynrefer_core.checkpoint import FORMAT
 
-    folder = tiny.save_pretrained(tmp_path / "tiny")
+    folder = tiny_model.save_pretrained(tmp_path / "tiny")
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer", "text_tokenizer", "vocab",
             "text_tables.safetensors"} <= names
     again = DynRefer.from_pretrained(folder, device="cpu")
-    assert again.config == tiny.config and again.vocabulary == tiny.vocabulary and not again.training
-    for a, b in zip(tiny.state_dict().items(), again.state_dict().items()):
+    assert again.config == tiny_model.config and again.vocabulary == tiny_model.vocabulary and not again.training
+    for a, b in zip(tiny_model.state_dict().items(), again.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
-    assert torch.equal(again.tag_embeds, tiny.tag_embeds)
+    assert torch.equal(again.tag_embeds, tiny_model.tag_embeds)
     assert again.language.t5.encoder.embed_tokens.weight.data_ptr() == again.language.t5.shared.weight.data_ptr()
-    s = tiny.config.image_size
+    s = tiny_model.config.image_size
     pixel_values = torch.randn(2, 3, 3, s, s)
     boxes = torch.tensor([[0.0, 0, s, s], [10, 10, 60, 70], [20, 5, 40, 50]]).expand(2, 3, 4)
     with torch.inference_mode():
-        z1, z2 = tiny.encode_regions(pixel_values, boxes), again.encode_regions(pixel_values, boxes)
+        z1, z2 = tiny_model.encode_regions(pixel_values, boxes), again.encode_regions(pixel_values, boxes)
         assert torch.equal(z1, z2)
-        assert tiny.generate_captions(z1, ["|", "man|"]) [0] == again.generate_captions(z2, ["|", "man|"])[0]
+        assert tiny_model.generate_captions(z1, ["|", "man|"]) [0] == again.generate_captions(z2, ["|", "man|"])[0]
     # A stale table cache (edited vocabulary) is recomputed rather than trusted.
     (folder / "vocab" / "tags.txt").write_text("person\nflag\n")
     third = DynRefer.from_pretrained(folder, device="cpu")
     assert third.tag_embeds.shape == (2, 32)
-    assert torch.allclose(third.tag_embeds, tiny.text_encoder.encode(["person", "flag"]), atol=1e-6)
+    assert torch.allclose(third.tag_embeds, tiny_model.text_encoder.encode(["person", "flag"]), atol=1e-6)
     raw = json.loads((folder / "config.json").read_text())
     assert raw["format"] == FORMAT
 
 
-def test_broken_folders_are_refused(tiny, tmp_path):
+def test_broken_folders_are_refused(tiny_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="lacks \\['config.json'"):
         DynRefer.from_pretrained(tmp_path)
-    folder = tiny.save_pretrained(tmp_path / "m")
+    folder = tiny_model.save_pretrained(tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
     config["vision_layers"] = 3
     (folder / "config.json").write_text(json.dumps(config))

@@ -7,18 +7,14 @@ import pytest
 from dynrefer_core import evaluate as E
 from dynrefer_core import train as T
 from dynrefer_core.data.annotations import load_annotations
-from dynrefer_core.data.generate import generate
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalcli")
-    ann_path = generate(41, 10, root / "data")
+def tiny_ckpt(tmp_path_factory, scenes):
     cfg = T.load_config(None, [])
     cfg["model"]["preset"] = "tiny"
-    model = T.build_model(cfg, load_annotations(ann_path).split("train"))
-    model.save_pretrained(root / "ckpt")
-    return root / "ckpt", ann_path
+    model = T.build_model(cfg, load_annotations(scenes).split("train"))
+    return model.save_pretrained(tmp_path_factory.mktemp("evalcli") / "ckpt"), scenes
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
