@@ -17,6 +17,7 @@ def tiny_ckpt(tmp_path_factory, scenes):
     return model.save_pretrained(tmp_path_factory.mktemp("evalcli") / "ckpt"), scenes
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
 def test_evaluate_cli_writes_json_with_headline_metrics(tiny_ckpt, tmp_path, capsys):
     ckpt, ann = tiny_ckpt

@@ -47,6 +47,7 @@ def test_attribute_map_ignores_unlabeled_and_attributes_without_positives():
     assert m == pytest.approx(((1 + 2 / 3) / 2 + 0.5) / 2)
 
 
+@pytest.mark.slow
 @needs_java
 def test_caption_metrics_perfect_partial_and_newlines():
     refs = {1: ["a tiny red striped star left of a green ring"],
@@ -68,6 +69,7 @@ def test_caption_metrics_perfect_partial_and_newlines():
         metrics.caption_metrics({1: "x"}, {2: ["x"]})
 
 
+@pytest.mark.slow
 @needs_java
 def test_meteor_process_is_closed():
     with metrics.MeteorScorer(timeout_s=60) as m:
