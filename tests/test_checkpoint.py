@@ -130,6 +130,38 @@ def test_bad_checkpoints_are_refused_naming_every_key(tiny):
         load_official_state_dict(tiny, {"model": {"a": 1}})
 
 
+def _only_missing(state):
+    del state["cem_memory"]
+    return "1 missing keys: ['cem_memory']"
+
+
+def _only_unexpected(state):
+    state["visual_encoder.blocks.0.norm1.weight"] = torch.zeros(3)  # a family we do not map
+    state["tag_head.encoder.layer.7.output.dense.bias"] = torch.zeros(32)  # a mapped family, a layer we lack
+    return "2 unexpected keys: ['tag_head.encoder.layer.7.output.dense.bias', 'visual_encoder.blocks.0.norm1.weight']"
+
+
+def _only_wrong_shape(state):
+    # (32,) would broadcast into (1, 32) if copied: only the shape check stops it.
+    state["attr_fc.weight"] = torch.zeros(32)
+    return "1 keys with the wrong shape: ['attr_fc.weight: checkpoint (32,) vs model (1, 32)']"
+
+
+@pytest.mark.parametrize("spoil", [_only_missing, _only_unexpected, _only_wrong_shape],
+                         ids=["missing", "unexpected", "wrong-shape"])
+def test_a_file_with_one_kind_of_fault_is_refused(tiny, spoil):
+    """Each check on its own: a file whose only fault is missing keys, or unexpected keys, or wrong shapes."""
+    before = {k: v.clone() for k, v in official_state_dict(tiny).items()}
+    state = release_dict(tiny.config, seed=2)["model"]
+    expected = spoil(state)
+    with pytest.raises(ValueError) as err:
+        load_official_state_dict(tiny, {"model": state})
+    msg = str(err.value)
+    assert expected in msg and msg.count(" keys") == 1, msg
+    after = official_state_dict(tiny)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was loaded
+
+
 def test_save_and_load_round_trip(tiny_model, tmp_path):
     from dynrefer_core.checkpoint import FORMAT
 
