@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -200,6 +201,15 @@ def test_broken_folders_are_refused(tiny_model, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not match its config.json: missing \\['vision.vit.encoder.layers.2"):
         DynRefer.from_pretrained(folder)
+
+
+def test_a_hub_id_fails_fast_and_clearly_offline():
+    """HF_HUB_OFFLINE=1 (conftest.py): a Hub id missing from the local cache fails at once, naming it."""
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="'dynrefer-core-tests/no-such-model' is neither a local model folder "
+                                                "nor a reachable Hugging Face Hub model"):
+        DynRefer.from_pretrained("dynrefer-core-tests/no-such-model")
+    assert time.perf_counter() - start < 10
 
 
 def test_minilm_text_tower_is_not_stored(tmp_path):

@@ -1,6 +1,10 @@
 """The evaluate command end to end on a tiny random model (numbers are low; the format is what is tested)."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +60,17 @@ def test_evaluate_rejects_fixed_without_ts(tiny_ckpt):
     ckpt, ann = tiny_ckpt
     with pytest.raises(SystemExit):
         E.main(["--checkpoint", str(ckpt), "--annotations", str(ann), "--strategy", "fixed"])
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_hub_id_offline_fails_fast_and_clearly(scenes):
+    """python -m dynrefer_core.evaluate --checkpoint <hub id> with HF_HUB_OFFLINE=1: exit 1 within the timeout, the
+    last line of stderr says what it could not find (no hang on the network)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}  # this checkout's package
+    command = [sys.executable, "-m", "dynrefer_core.evaluate", "--checkpoint", "dynrefer-core-tests/no-such-model",
+               "--annotations", str(scenes), "--split", "all"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=root)
+    assert proc.returncode == 1
+    assert ("'dynrefer-core-tests/no-such-model' is neither a local model folder nor a reachable Hugging Face Hub "
+            "model") in proc.stderr.strip().splitlines()[-1]
