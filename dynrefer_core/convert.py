@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import pickle
 import sys
 from pathlib import Path
 
@@ -46,12 +47,26 @@ def load_torch_file(path: str | Path, trust_pickle: bool = False) -> dict:
         raise ConversionError(f"{path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # torch >= 2.4 names the class it refused to unpickle
+            raise _unreadable(path, err) from err
         if not trust_pickle:
             raise ConversionError(
                 f"{path} holds more than tensors (e.g. the LAVIS run config), which torch refuses to unpickle "
                 f"safely ({type(err).__name__}). If you trust the file, rerun with --trust-pickle.") from err
+    except Exception as err:
+        raise _unreadable(path, err) from err
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: Exception) -> ConversionError:
+    detail = str(err).split("WeightsUnpickler error:")[-1].strip()  # torch's own cause, without its advice
+    detail = detail.splitlines()[0].split(". ")[0][:200] if detail else "no data"
+    return ConversionError(f"{path} could not be read as a PyTorch checkpoint: the file is damaged, truncated or "
+                           f"not a .pth ({type(err).__name__}: {detail})")
 
 
 def release_state_dict(obj) -> dict[str, torch.Tensor]:

@@ -1,4 +1,8 @@
-"""Test-wide settings: never reach a model hub, never phone home."""
+"""Test-wide settings (never reach a model hub, never phone home) and the fixtures every module shares.
+
+Shared fixtures are read-only: a test that trains, loads weights or changes the config builds its own model.
+`tiny_model` checks at the end of the session that no test changed it.
+"""
 import os
 
 for _name, _value in {
@@ -9,7 +13,51 @@ for _name, _value in {
 }.items():
     os.environ[_name] = _value
 
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # The models under test are tiny: one thread avoids thread-pool overhead dominating on a 2-core machine.
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENES_SEED, SCENES_IMAGES = 11, 10  # 10 images: image 8 is in val, image 9 in test, the rest in train
+
+
+def _snapshot(model) -> dict:
+    return {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The random tiny DynRefer (seed 0) in eval mode. Read-only: checked unchanged at the end of the session."""
+    from dynrefer_core.config import DynReferConfig
+    from dynrefer_core.modeling.dynrefer import DynRefer
+
+    torch.manual_seed(0)
+    model = DynRefer(DynReferConfig.tiny()).eval()  # eval: the heads' dropout is off
+    before, config, vocabulary = _snapshot(model), model.config, model.vocabulary
+    yield model
+    after = _snapshot(model)
+    changed = sorted(k for k in before if k not in after or not torch.equal(before[k], after[k]))
+    assert not changed, f"a test changed the shared tiny_model's tensors {changed[:5]}: build your own model"
+    assert model.config == config and model.vocabulary == vocabulary, "a test changed the shared tiny_model"
+    assert not model.training and all(p.grad is None for p in model.parameters()), \
+        "a test trained the shared tiny_model: build your own model"
+
+
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory) -> Path:
+    """annotations.json of 10 generated DynRefer-mini scenes (seed 11; train, val and test images). Read-only."""
+    from dynrefer_core.data.generate import generate
+
+    return generate(seed=SCENES_SEED, num_images=SCENES_IMAGES, out=tmp_path_factory.mktemp("scenes"))
+
+
+@pytest.fixture(scope="session")
+def bundled_model():
+    """The model shipped in checkpoints/mini, on the CPU. Read-only."""
+    from dynrefer_core.modeling.dynrefer import DynRefer
+
+    return DynRefer.from_pretrained(ROOT / "checkpoints" / "mini", device="cpu")

@@ -41,6 +41,7 @@ def test_probe_is_nan_without_two_classes_and_fits_separable_data():
     assert P.probe(np.stack([y + 0.01 * np.arange(40), np.ones(40)], 1), y, 0.5) == 1.0
 
 
+@pytest.mark.slow
 def test_probe_encoder_runs_on_a_saved_model(data, tmp_path):
     ann, root = data
     cfg = T.load_config(None, [])

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -63,6 +64,7 @@ def release_dict(c: DynReferConfig, seed: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny():
+    """This module's own tiny model, which release weights are loaded into (the shared tiny_model is read-only)."""
     torch.manual_seed(0)
     return DynRefer(DynReferConfig.tiny()).eval()
 
@@ -129,44 +131,85 @@ def test_bad_checkpoints_are_refused_naming_every_key(tiny):
         load_official_state_dict(tiny, {"model": {"a": 1}})
 
 
-def test_save_and_load_round_trip(tiny, tmp_path):
+def _only_missing(state):
+    del state["cem_memory"]
+    return "1 missing keys: ['cem_memory']"
+
+
+def _only_unexpected(state):
+    state["visual_encoder.blocks.0.norm1.weight"] = torch.zeros(3)  # a family we do not map
+    state["tag_head.encoder.layer.7.output.dense.bias"] = torch.zeros(32)  # a mapped family, a layer we lack
+    return "2 unexpected keys: ['tag_head.encoder.layer.7.output.dense.bias', 'visual_encoder.blocks.0.norm1.weight']"
+
+
+def _only_wrong_shape(state):
+    # (32,) would broadcast into (1, 32) if copied: only the shape check stops it.
+    state["attr_fc.weight"] = torch.zeros(32)
+    return "1 keys with the wrong shape: ['attr_fc.weight: checkpoint (32,) vs model (1, 32)']"
+
+
+@pytest.mark.parametrize("spoil", [_only_missing, _only_unexpected, _only_wrong_shape],
+                         ids=["missing", "unexpected", "wrong-shape"])
+def test_a_file_with_one_kind_of_fault_is_refused(tiny, spoil):
+    """Each check on its own: a file whose only fault is missing keys, or unexpected keys, or wrong shapes."""
+    before = {k: v.clone() for k, v in official_state_dict(tiny).items()}
+    state = release_dict(tiny.config, seed=2)["model"]
+    expected = spoil(state)
+    with pytest.raises(ValueError) as err:
+        load_official_state_dict(tiny, {"model": state})
+    msg = str(err.value)
+    assert expected in msg and msg.count(" keys") == 1, msg
+    after = official_state_dict(tiny)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was loaded
+
+
+def test_save_and_load_round_trip(tiny_model, tmp_path):
     from dynrefer_core.checkpoint import FORMAT
 
-    folder = tiny.save_pretrained(tmp_path / "tiny")
+    folder = tiny_model.save_pretrained(tmp_path / "tiny")
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer", "text_tokenizer", "vocab",
             "text_tables.safetensors"} <= names
     again = DynRefer.from_pretrained(folder, device="cpu")
-    assert again.config == tiny.config and again.vocabulary == tiny.vocabulary and not again.training
-    for a, b in zip(tiny.state_dict().items(), again.state_dict().items()):
+    assert again.config == tiny_model.config and again.vocabulary == tiny_model.vocabulary and not again.training
+    for a, b in zip(tiny_model.state_dict().items(), again.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
-    assert torch.equal(again.tag_embeds, tiny.tag_embeds)
+    assert torch.equal(again.tag_embeds, tiny_model.tag_embeds)
     assert again.language.t5.encoder.embed_tokens.weight.data_ptr() == again.language.t5.shared.weight.data_ptr()
-    s = tiny.config.image_size
+    s = tiny_model.config.image_size
     pixel_values = torch.randn(2, 3, 3, s, s)
     boxes = torch.tensor([[0.0, 0, s, s], [10, 10, 60, 70], [20, 5, 40, 50]]).expand(2, 3, 4)
     with torch.inference_mode():
-        z1, z2 = tiny.encode_regions(pixel_values, boxes), again.encode_regions(pixel_values, boxes)
+        z1, z2 = tiny_model.encode_regions(pixel_values, boxes), again.encode_regions(pixel_values, boxes)
         assert torch.equal(z1, z2)
-        assert tiny.generate_captions(z1, ["|", "man|"]) [0] == again.generate_captions(z2, ["|", "man|"])[0]
+        assert tiny_model.generate_captions(z1, ["|", "man|"]) [0] == again.generate_captions(z2, ["|", "man|"])[0]
     # A stale table cache (edited vocabulary) is recomputed rather than trusted.
     (folder / "vocab" / "tags.txt").write_text("person\nflag\n")
     third = DynRefer.from_pretrained(folder, device="cpu")
     assert third.tag_embeds.shape == (2, 32)
-    assert torch.allclose(third.tag_embeds, tiny.text_encoder.encode(["person", "flag"]), atol=1e-6)
+    assert torch.allclose(third.tag_embeds, tiny_model.text_encoder.encode(["person", "flag"]), atol=1e-6)
     raw = json.loads((folder / "config.json").read_text())
     assert raw["format"] == FORMAT
 
 
-def test_broken_folders_are_refused(tiny, tmp_path):
+def test_broken_folders_are_refused(tiny_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="lacks \\['config.json'"):
         DynRefer.from_pretrained(tmp_path)
-    folder = tiny.save_pretrained(tmp_path / "m")
+    folder = tiny_model.save_pretrained(tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
     config["vision_layers"] = 3
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not match its config.json: missing \\['vision.vit.encoder.layers.2"):
         DynRefer.from_pretrained(folder)
+
+
+def test_a_hub_id_fails_fast_and_clearly_offline():
+    """HF_HUB_OFFLINE=1 (conftest.py): a Hub id missing from the local cache fails at once, naming it."""
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="'dynrefer-core-tests/no-such-model' is neither a local model folder "
+                                                "nor a reachable Hugging Face Hub model"):
+        DynRefer.from_pretrained("dynrefer-core-tests/no-such-model")
+    assert time.perf_counter() - start < 10
 
 
 def test_minilm_text_tower_is_not_stored(tmp_path):

@@ -170,6 +170,23 @@ def test_bad_inputs_are_refused_clearly(files, tmp_path, capsys):
     assert (root / "blip2" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not-a-checkpoint", "empty"])
+def test_a_corrupt_release_file_is_a_clear_error(files, tmp_path, capsys, damage):
+    """A damaged .pth fails at step 1 with exit status 1, saying the file cannot be read, with or without
+    --trust-pickle (which is for intact files holding more than tensors, and would not help)."""
+    good = (files["root"] / "release.pth").read_bytes()
+    data = {"truncated": good[: len(good) // 2], "not-a-checkpoint": b"\x00\x01 these are not tensors" * 40,
+            "empty": b""}[damage]
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(data)
+    for extra in ([], ["--trust-pickle"]):
+        assert main(args(files, tmp_path / "x", **{"--release": bad}) + extra) == 1
+        err = capsys.readouterr().err
+        assert f"error: {bad} could not be read as a PyTorch checkpoint" in err, err
+        assert "--trust-pickle" not in err
+    assert not (tmp_path / "x").exists()
+
+
 # ---------------------------------------------------------------------------- files as LAVIS writes them
 def lavis_checkpoint(named: dict[str, torch.Tensor], frozen: set[str], t5: nn.Module) -> dict:
     """What LAVIS's `RunnerBase._save_checkpoint` writes for a model holding these tensors under these names

@@ -8,7 +8,6 @@ from PIL import Image
 
 from dynrefer_core.data.annotations import box_from_segmentation, load_annotations, normalize_caption
 from dynrefer_core.data.dataset import RegionDataset, collate_regions, iter_image_batches, tag_target
-from dynrefer_core.data.generate import generate
 from dynrefer_core.data.scenes import tag_vocabulary
 from dynrefer_core.views.planning import ViewOptions, plan_views_batch
 
@@ -76,9 +75,8 @@ def test_helpers():
 
 
 @pytest.fixture(scope="module")
-def mini_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mini")
-    return load_annotations(generate(11, 10, out))
+def mini_data(scenes):
+    return load_annotations(scenes)
 
 
 def test_training_samples_random_views_are_seeded(mini_data):

@@ -1,26 +1,27 @@
 """The evaluate command end to end on a tiny random model (numbers are low; the format is what is tested)."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from dynrefer_core import evaluate as E
 from dynrefer_core import train as T
 from dynrefer_core.data.annotations import load_annotations
-from dynrefer_core.data.generate import generate
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalcli")
-    ann_path = generate(41, 10, root / "data")
+def tiny_ckpt(tmp_path_factory, scenes):
     cfg = T.load_config(None, [])
     cfg["model"]["preset"] = "tiny"
-    model = T.build_model(cfg, load_annotations(ann_path).split("train"))
-    model.save_pretrained(root / "ckpt")
-    return root / "ckpt", ann_path
+    model = T.build_model(cfg, load_annotations(scenes).split("train"))
+    return model.save_pretrained(tmp_path_factory.mktemp("evalcli") / "ckpt"), scenes
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java")
 def test_evaluate_cli_writes_json_with_headline_metrics(tiny_ckpt, tmp_path, capsys):
     ckpt, ann = tiny_ckpt
@@ -59,3 +60,17 @@ def test_evaluate_rejects_fixed_without_ts(tiny_ckpt):
     ckpt, ann = tiny_ckpt
     with pytest.raises(SystemExit):
         E.main(["--checkpoint", str(ckpt), "--annotations", str(ann), "--strategy", "fixed"])
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_hub_id_offline_fails_fast_and_clearly(scenes):
+    """python -m dynrefer_core.evaluate --checkpoint <hub id> with HF_HUB_OFFLINE=1: exit 1 within the timeout, the
+    last line of stderr says what it could not find (no hang on the network)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}  # this checkout's package
+    command = [sys.executable, "-m", "dynrefer_core.evaluate", "--checkpoint", "dynrefer-core-tests/no-such-model",
+               "--annotations", str(scenes), "--split", "all"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=root)
+    assert proc.returncode == 1
+    assert ("'dynrefer-core-tests/no-such-model' is neither a local model folder nor a reachable Hugging Face Hub "
+            "model") in proc.stderr.strip().splitlines()[-1]

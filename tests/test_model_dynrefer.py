@@ -1,6 +1,5 @@
-"""The tiny DynRefer end to end on the CPU: losses, gradients, decoders and describe() on a real photo."""
+"""The tiny DynRefer end to end on the CPU: losses, gradients, decoders (describe() is in test_describe.py)."""
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -8,17 +7,9 @@ from matplotlib import cbook
 
 from dynrefer_core.config import DynReferConfig
 from dynrefer_core.modeling.dynrefer import DynRefer
-from dynrefer_core.views import ViewOptions
 from dynrefer_core.vocab import Vocabulary
 
 PHOTO = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # a real 512x600 photo shipped with matplotlib
-
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return DynRefer(DynReferConfig.tiny()).eval()  # eval: the heads' dropout is off
 
 
 def batch(model, n=4):
@@ -70,80 +61,42 @@ def test_frozen_towers_get_no_gradient():
     assert all(p.grad is None for p in model.text_encoder.parameters())
 
 
-def test_sampled_controls_come_from_tags_and_caption(model):
-    tags = torch.zeros(2, len(model.vocabulary.tags))
-    tags[0, model.vocabulary.tags.index("dog")] = 1
+def test_sampled_controls_come_from_tags_and_caption(tiny_model):
+    tags = torch.zeros(2, len(tiny_model.vocabulary.tags))
+    tags[0, tiny_model.vocabulary.tags.index("dog")] = 1
     torch.manual_seed(3)
-    controls = [c for _ in range(20) for c in model.sample_controls(tags, ["a brown dog", "a red car"])]
+    controls = [c for _ in range(20) for c in tiny_model.sample_controls(tags, ["a brown dog", "a red car"])]
     words = {w for c in controls for w in c[:-1].split(",") if w}
     assert all(c.endswith("|") for c in controls)
     assert words <= {"dog", "brown dog", "red car", "car"} and "dog" in words
 
 
-def test_decoders_shapes_and_calibration(model):
-    pixel_values, boxes, *_ = batch(model)
+def test_decoders_shapes_and_calibration(tiny_model):
+    pixel_values, boxes, *_ = batch(tiny_model)
     with torch.inference_mode():
-        z = model.encode_regions(pixel_values, boxes)
-        assert z.shape == (4, model.config.num_query_tokens, model.config.qformer_hidden)
-        assert model.tag_scores(z).shape == (4, len(model.vocabulary.tags))
-        s = model.text_scores(z, ["a dog", "a car", "sky"])
-        probs = model.match_probabilities(z, model.text_encoder.encode(["a dog", "a car", "sky"]))
-        rtc = model.rtc_decoder
+        z = tiny_model.encode_regions(pixel_values, boxes)
+        assert z.shape == (4, tiny_model.config.num_query_tokens, tiny_model.config.qformer_hidden)
+        assert tiny_model.tag_scores(z).shape == (4, len(tiny_model.vocabulary.tags))
+        s = tiny_model.text_scores(z, ["a dog", "a car", "sky"])
+        probs = tiny_model.match_probabilities(z, tiny_model.text_encoder.encode(["a dog", "a car", "sky"]))
+        rtc = tiny_model.rtc_decoder
         assert torch.allclose(probs, torch.sigmoid(s * rtc.logit_scale.exp() + rtc.logit_bias))
-        assert model.classify(z).shape == (4, 80)
-        assert torch.allclose(model.classify(z, ["Dog", "car"]), model.text_scores(z, ["the dog", "the car"]))
-        assert model.attribute_scores(z).shape == (4, len(model.vocabulary.attributes))
+        assert tiny_model.classify(z).shape == (4, 80)
+        assert torch.allclose(tiny_model.classify(z, ["Dog", "car"]), tiny_model.text_scores(z, ["the dog", "the car"]))
+        assert tiny_model.attribute_scores(z).shape == (4, len(tiny_model.vocabulary.attributes))
 
 
-def test_bad_inputs_are_refused(model):
-    pixel_values, boxes, captions, tags = batch(model)
+def test_bad_inputs_are_refused(tiny_model):
+    pixel_values, boxes, captions, tags = batch(tiny_model)
     with pytest.raises(ValueError, match="expected \\(N, 3, 3, 112, 112\\)"):
-        model.encode_regions(pixel_values[:, :2], boxes[:, :2])
+        tiny_model.encode_regions(pixel_values[:, :2], boxes[:, :2])
     with pytest.raises(ValueError, match="tag_targets"):
-        model(pixel_values, boxes, captions, tags[:, :5])
+        tiny_model(pixel_values, boxes, captions, tags[:, :5])
     with pytest.raises(ValueError, match="3 captions for 4 regions"):
-        model(pixel_values, boxes, captions[:3], tags)
+        tiny_model(pixel_values, boxes, captions[:3], tags)
 
 
-def test_describe_a_real_photo(model):
-    boxes = [(120, 60, 400, 330), (0, 0, 512, 600), (200, 400, 330, 590)]
-    results = model.describe(PHOTO, boxes, phrases=["a woman in uniform", "medals"], tag_threshold=0.0)
-    assert len(results) == 3
-    for r, box in zip(results, boxes):
-        assert r.box == tuple(float(v) for v in box)
-        assert [v.t for v in r.plan.views][0] == 0.0 and len(r.plan.views) == 3
-        assert isinstance(r.caption, str) and 0 < r.caption_score <= 1
-        scores = [s for _, s in r.tags]
-        assert len(r.tags) == len(model.vocabulary.tags) and scores == sorted(scores, reverse=True)  # threshold 0
-        assert [p for p, _ in r.similarity] == ["a woman in uniform", "medals"]
-        assert all(0 <= s <= 1 for _, s in r.similarity)
-        assert r.category in model.vocabulary.classes
-        assert set(r.timings) == {"views", "vision", "heads", "caption", "total"}
-        d = r.to_dict()
-        json.dumps(d)
-        assert {"box", "views", "caption", "caption_score", "tags", "similarity", "timings"} <= set(d)
-        # The JSON lists every scored view (t = 0 and the ten candidates); exactly the n used are selected.
-        assert [v["t"] for v in d["views"]][:2] == [0.0, 0.1] and len(d["views"]) == 11
-        assert sorted(v["t"] for v in d["views"] if v["selected"]) == sorted(r.plan.selected_ts)
-        assert all(len(v["hash_hex"]) == 16 for v in d["views"])
-    # The full-image box: every view is the whole image.
-    assert results[1].plan.views[0].crop_box == (0, 0, 512, 600)
-    high = model.describe(PHOTO, boxes[:1], tag_threshold=1.0)
-    assert high[0].tags == [] and high[0].control == "|"
-    assert model.describe(PHOTO, []) == []
-    with pytest.raises(ValueError, match="n_views=2"):
-        model.describe(PHOTO, boxes[:1], views=ViewOptions(n_views=2))
-
-
-def test_describe_is_deterministic_and_batch_independent(model):
-    boxes = [(120, 60, 400, 330), (200, 400, 330, 590)]
-    together = model.describe(PHOTO, boxes, phrases=["face"])
-    alone = model.describe(PHOTO, boxes[1:], phrases=["face"], batch_size=1)
-    assert together[1].caption == alone[0].caption
-    assert together[1].similarity[0][1] == pytest.approx(alone[0].similarity[0][1], abs=1e-5)
-
-
-def test_custom_vocabulary(model):
+def test_custom_vocabulary():
     vocab = Vocabulary(tags=["person", "uniform", "flag"], classes=["person", "chair"])
     m = DynRefer(DynReferConfig.tiny(), vocabulary=vocab)
     assert m.tag_embeds.shape == (3, 32) and m.class_embeds.shape == (2, 32)
@@ -167,17 +120,17 @@ def test_identical_captions_can_count_as_matches():
     assert merged.item() > plain.item() + 1.0
 
 
-def test_region_text_loss_can_match_other_texts_than_the_captions(model):
-    pixel_values, boxes, captions, tags = batch(model, 2)
+def test_region_text_loss_can_match_other_texts_than_the_captions(tiny_model):
+    pixel_values, boxes, captions, tags = batch(tiny_model, 2)
     controls = ["|", "|"]
-    plain = model(pixel_values, boxes, captions, tags, controls=controls)
-    same = model(pixel_values, boxes, captions, tags, controls=controls, rtc_texts=captions)
-    prompts = model(pixel_values, boxes, captions, tags, controls=controls, rtc_texts=["the man", "the car"])
+    plain = tiny_model(pixel_values, boxes, captions, tags, controls=controls)
+    same = tiny_model(pixel_values, boxes, captions, tags, controls=controls, rtc_texts=captions)
+    prompts = tiny_model(pixel_values, boxes, captions, tags, controls=controls, rtc_texts=["the man", "the car"])
     assert torch.equal(plain.losses["rtc"], same.losses["rtc"])
     assert not torch.equal(plain.losses["rtc"], prompts.losses["rtc"])
     assert torch.equal(plain.losses["caption"], prompts.losses["caption"])  # captions still train the LM
     with pytest.raises(ValueError, match="1 region-text texts for 2 regions"):
-        model(pixel_values, boxes, captions, tags, controls=controls, rtc_texts=["the man"])
+        tiny_model(pixel_values, boxes, captions, tags, controls=controls, rtc_texts=["the man"])
 
 
 def test_tag_focusing_exponent_is_configurable():

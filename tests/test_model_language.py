@@ -83,3 +83,54 @@ def test_generation_scores_are_probabilities(tokenizer):
     assert ((scores > 0) & (scores <= 1)).all()
     texts1, scores1 = lm.generate(torch.randn(2, 8, 32), ["|", "man|"], tokenizer, num_beams=1)
     assert ((scores1 > 0) & (scores1 <= 1)).all()
+
+
+def sequence_probability(lm, inputs, mask, sequences, repetition_penalty=1.0) -> torch.Tensor:
+    """P(caption | region, control) by teacher forcing: the product over the generated tokens (up to and with
+    </s>) of T5's softmax, where tokens already in the sequence have their log-probability multiplied by the
+    repetition penalty (how beam search applies it). With length_penalty 0 the beam's score is the log of this."""
+    with torch.no_grad():
+        logits = lm.t5(inputs_embeds=inputs, attention_mask=mask, decoder_input_ids=sequences[:, :-1]).logits
+    log_probs = logits.double().log_softmax(-1)
+    out = []
+    for b, seq in enumerate(sequences.tolist()):
+        total = 0.0
+        for t in range(1, len(seq)):
+            step = log_probs[b, t - 1].clone()
+            seen = torch.tensor(sorted(set(seq[:t])))
+            step[seen] = torch.where(step[seen] < 0, step[seen] * repetition_penalty, step[seen] / repetition_penalty)
+            total += step[seq[t]].item()
+            if seq[t] == 1:  # </s>
+                break
+        out.append(math.exp(total))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_caption_score_is_the_sequence_probability(tiny_model):
+    """The caption score is exp(sequences_scores) of the beam (spec 4.3): with length_penalty 0, the caption's
+    probability under the decoder. Checked against teacher forcing, and against transformers' own beam score."""
+    lm, tokenizer, s = tiny_model.language, tiny_model.tokenizer, tiny_model.config.language
+    assert s.length_penalty == 0.0 and s.num_beams == 2 and s.repetition_penalty == 1.5
+    z = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(0))
+    controls = ["|", "man|", "car,red|", "dog|"]
+    _, scores = lm.generate(z, controls, tokenizer)
+    inputs, mask = lm.encoder_inputs(z, controls, tokenizer)
+    with torch.no_grad():
+        beam = lm.t5.generate(inputs_embeds=inputs, attention_mask=mask, num_beams=s.num_beams, do_sample=False,
+                              max_new_tokens=s.max_new_tokens, min_length=s.min_length, length_penalty=0.0,
+                              repetition_penalty=s.repetition_penalty, output_scores=True,
+                              return_dict_in_generate=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    expected = sequence_probability(lm, inputs, mask, beam.sequences, s.repetition_penalty)
+    torch.testing.assert_close(beam.sequences_scores.double().exp(), expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=0)
+    assert expected.max() > 0.6  # far from sigmoid(log p) = p / (1 + p) <= 0.5: the check can tell them apart
+    # Without the repetition penalty the score is the plain probability; greedy search sums the same way.
+    plain = {}
+    for beams in (2, 1):
+        _, plain[beams] = lm.generate(z, controls, tokenizer, repetition_penalty=1.0, num_beams=beams)
+        with torch.no_grad():
+            seqs = lm.t5.generate(inputs_embeds=inputs, attention_mask=mask, num_beams=beams, do_sample=False,
+                                  max_new_tokens=s.max_new_tokens, length_penalty=0.0, pad_token_id=0,
+                                  eos_token_id=1, decoder_start_token_id=0)
+        torch.testing.assert_close(plain[beams].double(), sequence_probability(lm, inputs, mask, seqs),
+                                   rtol=1e-4, atol=0, msg=f"num_beams={beams}")

@@ -3,7 +3,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dynrefer_core.views import ImageLoadError, load_image, plan_views
 
@@ -33,6 +33,35 @@ def test_exif_rotated_jpeg_is_made_upright():
     assert im.size == (20, 40)
     top, bottom = np.asarray(im)[2].mean(0), np.asarray(im)[-3].mean(0)
     assert top[0] > 200 and top[1] < 60 and bottom[0] < 60
+
+
+# How to turn stored pixels upright for each EXIF orientation (tag 0x0112; EXIF 2.32, 4.6.4 A), in numpy.
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180 degrees
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, -1),  # rotated 90 degrees clockwise to view
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, 1),  # rotated 90 degrees counter-clockwise to view
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+def test_every_exif_orientation_is_made_upright(orientation, tmp_path):
+    stored = np.random.default_rng(orientation).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "JPEG", exif=exif, quality=95)
+    data = buf.getvalue()
+    (tmp_path / "photo.jpg").write_bytes(data)
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # the stored pixels, as JPEG decodes them
+    expected = UPRIGHT[orientation](decoded)
+    np.testing.assert_array_equal(expected, np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data)))))
+    for src in (data, tmp_path / "photo.jpg", Image.open(io.BytesIO(data))):
+        np.testing.assert_array_equal(rgb_of(load_image(src)), expected)
 
 
 def test_gray_and_hxwx1_arrays():
