@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,7 +254,7 @@ def attribute_columns(annotations: RegionAnnotations, synonyms: list[tuple[str, 
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a folder written by save_pretrained (e.g. checkpoints/mini)")
     ap.add_argument("--annotations", required=True, help="COCO-style region annotations (spec §5.3)")
@@ -285,13 +286,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.strategy == "fixed" and not args.ts:
         ap.error("--strategy fixed needs --ts (n-1 values in (0, 1])")
-    ann = load_annotations(args.annotations, tag_list=args.tag_list, image_root=args.image_root).split(args.split)
-    model = DynRefer.from_pretrained(args.checkpoint, device=args.device)
     try:
         views = ViewOptions(n_views=args.n_views, strategy=args.strategy, ts=args.ts, alpha=args.alpha,
                             hash_name=args.hash_name, seed=args.seed, box_rounding=args.box_rounding)
     except ValueError as err:
         ap.error(str(err))
+    try:
+        ann = load_annotations(args.annotations, tag_list=args.tag_list, image_root=args.image_root).split(args.split)
+        model = DynRefer.from_pretrained(args.checkpoint, device=args.device)
+    except (FileNotFoundError, ValueError) as err:  # a wrong path, file or model id: one clear line
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     res = evaluate_model(model, ann, views=views, tag_threshold=args.tag_threshold, meteor=not args.no_meteor,
                          caption_metrics=False if args.no_caption_metrics else None, max_regions=args.max_regions,
                          batch_regions=args.batch_regions)
@@ -303,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
