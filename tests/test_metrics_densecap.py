@@ -45,9 +45,9 @@ def test_average_precision_on_a_hand_computed_ranking():
     # TP FP TP FP FP TP, npos 4: recall .25 .25 .5 .5 .5 .75, precision 1 .5 .67 .5 .4 .5
     # t 0..0.25 (26 levels): 1; t 0.26..0.50 (25): 2/3; t 0.51..0.75 (25): 1/2; t 0.76..0.99 (24): 0
     assert metrics.average_precision([1, 0, 1, 0, 0, 1], 4) == pytest.approx((26 + 25 * 2 / 3 + 25 * 0.5) / 100)
-    # recall exactly 0.07 reaches level 0.07 (levels 0..0.07: 8 of 100); a float 7 * 0.01 would miss it
-    assert metrics.average_precision([1] * 7, 100) == pytest.approx(0.08)
-    # recall exactly 9/20 reaches level 0.45 (46 levels); the Python port's float32 levels give 0.45 here
+    # a recall exactly on a level reaches it: 7/20 reaches 0.35 (36 levels), though 35 * 0.01 > 0.35 in
+    # float64; 9/20 reaches 0.45 (46 levels), though the Python port's float32 levels miss it (0.45 there)
+    assert metrics.average_precision([1] * 7, 20) == pytest.approx(0.36)
     assert metrics.average_precision([1] * 9, 20) == pytest.approx(0.46)
     assert metrics.average_precision([1], 1) == 1.0
     assert metrics.average_precision([0, 0], 3) == 0.0
