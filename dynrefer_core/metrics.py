@@ -336,7 +336,7 @@ def densecap_map(predictions: Mapping[Hashable, Sequence[Detection]],
     references of its best box, all in one batch through `meteor` (default: one MeteorScorer for this call,
     then closed). Over all images, by descending score (ties: input order), a detection is a true positive
     at (IoU thr, METEOR thr) iff it took its box, IoU >= thr and METEOR > thr (strict). Images missing from
-    either mapping count as having no detections or no GT (the original asserts on both)."""
+    either mapping count as having no detections or no GT (the original fails on both)."""
     images = list(ground_truth) + [k for k in predictions if k not in ground_truth]
     scores, pairs, ok, iou = [], [], [], []
     n_regions = npos = 0
