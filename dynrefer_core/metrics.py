@@ -1,4 +1,5 @@
-"""Region metrics: captions (pycocoevalcap, per region id), tags, recognition, attributes, relations.
+"""Region metrics: captions (pycocoevalcap, per region id), tags, recognition, attributes, relations,
+and the DenseCap mAP (§8.1) of boxes with captions.
 
 Caption metrics follow §8.2 but key the references by **region id**, not image id, so images with many
 regions are scored correctly. METEOR runs the Java jar bundled with pycocoevalcap: captions are stripped
@@ -8,8 +9,9 @@ under a timeout, and the Java process is always stopped.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -176,3 +178,184 @@ def relation_accuracy(predictions: Sequence[str], relations: Sequence[str]) -> f
     if len(predictions) != len(relations) or not relations:
         raise ValueError(f"need equally many captions and relations (> 0), got {len(predictions)}, {len(relations)}")
     return float(np.mean([relation_of(p) == r for p, r in zip(predictions, relations)]))
+
+
+# --- DenseCap mAP (§8.1): the DenseCap evaluator as DynRefer's eval_densecap.py runs it -------------------
+
+IOU_THRESHOLDS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
+METEOR_THRESHOLDS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
+GT_MERGE_IOU = 0.7
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+
+
+class Detection(NamedTuple):
+    """One predicted region of an image: box (x1, y1, x2, y2), caption, confidence (higher = surer)."""
+
+    box: Box
+    caption: str
+    score: float
+
+
+class GTRegion(NamedTuple):
+    """One ground-truth region of an image: box (x1, y1, x2, y2) and its caption."""
+
+    box: Box
+    caption: str
+
+
+class Match(NamedTuple):
+    """Where one detection landed: `gt` is its best-IoU GT box (-1 when it overlaps none), `iou` that
+    overlap, `ok` whether it took that box (False when the box was already taken or iou is 0)."""
+
+    gt: int
+    iou: float
+    ok: bool
+
+
+class PairScorer(Protocol):
+    """pycocoevalcap's interface: `gts` {key: [references]}, `res` {key: [candidate]} -> (mean, per key)."""
+
+    def compute_score(self, gts: Mapping, res: Mapping) -> tuple[float, list[float]]: ...
+
+
+def box_iou(a, b) -> np.ndarray:
+    """(N, M) IoU of x1y1x2y2 boxes in continuous coordinates (no +1), as torchvision computes it;
+    0 where the union is empty (torchvision gives 0/0 = NaN there, which compares the same way)."""
+    a = np.asarray(a, float).reshape(-1, 4)
+    b = np.asarray(b, float).reshape(-1, 4)
+    wh = np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None] + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def merge_boxes(boxes, thr: float = GT_MERGE_IOU) -> list[list[int]]:
+    """Index groups of GT boxes that become one box: repeatedly the box with the most remaining boxes at
+    IoU >= thr (itself included; ties: the first) together with those boxes, until none is left.
+
+    Why: Visual Genome annotates one object many times; the merged box holds all those captions as
+    references, so npos counts the object once. A zero-area box joins no group and is dropped, as in the
+    original (its IoU with itself is 0/0)."""
+    good = box_iou(boxes, boxes) >= thr
+    groups = []
+    while good.any():
+        members = np.flatnonzero(good[int(good.sum(0).argmax())])
+        groups.append(members.tolist())
+        good[members, :] = False
+        good[:, members] = False
+    return groups
+
+
+def merge_ground_truth(regions: Sequence[GTRegion], thr: float = GT_MERGE_IOU) -> tuple[np.ndarray, list[list[str]]]:
+    """One image's GT regions merged by `merge_boxes`: (M, 4) mean box of each group, and its captions."""
+    boxes = np.array([r.box for r in regions], float).reshape(-1, 4)
+    groups = merge_boxes(boxes, thr)
+    merged = np.array([boxes[g].mean(0) for g in groups]).reshape(-1, 4)
+    return merged, [[regions[i].caption for i in g] for g in groups]
+
+
+def match_detections(boxes, gt_boxes) -> list[Match]:
+    """Greedy matching of one image's detections, in the order given (pass them by descending score):
+    each goes to its best-IoU GT box (ties: the first) and takes it if the IoU is > 0 and the box is free;
+    otherwise it is a miss. Why no fall-back to the second-best box: the original has none."""
+    iou = box_iou(boxes, gt_boxes)
+    used = np.zeros(iou.shape[1], bool)
+    out = []
+    for row in iou:
+        j = int(row.argmax()) if row.size else -1
+        if j < 0 or row[j] <= 0:
+            out.append(Match(-1, 0.0, False))
+            continue
+        out.append(Match(j, float(row[j]), not used[j]))
+        used[j] = True
+    return out
+
+
+def average_precision(is_tp: Sequence[bool], npos: int) -> float:
+    """DenseCap's AP of a ranked list: the mean over recall levels t = 0, 0.01, ..., 0.99 of the best
+    precision at recall >= t (0 where recall never reaches t). Recall = TPs so far / npos, compared
+    exactly (100·TP >= 100t·npos in integers). Why: the Python port compares float32 recall with
+    torch.arange(0, 1, 0.01), whose float32 levels miss some exact recalls (9/20 misses 0.45); that moves
+    an AP by at most 0.01 x precision, and the Lua original rounds differently again."""
+    tp = np.cumsum(np.asarray(is_tp, bool))
+    if tp.size == 0:
+        return 0.0
+    prec = tp / np.arange(1, tp.size + 1)
+    best_from = np.maximum.accumulate(prec[::-1])[::-1]  # best precision at this rank or later
+    first = np.searchsorted(100 * tp, np.arange(100) * npos)  # first rank with recall >= t
+    return float(np.where(first < tp.size, best_from[np.minimum(first, tp.size - 1)], 0.0).mean())
+
+
+@dataclass
+class DenseCapResult:
+    """DenseCap scores as fractions. `ap[i][j]`: AP at IoU >= IOU_THRESHOLDS[i] and METEOR >
+    METEOR_THRESHOLDS[j]; `det_ap[i]`: AP at IoU >= IOU_THRESHOLDS[i], captions ignored (the original's
+    METEOR threshold -1); `map`, `det_map`: their means. `n_gt_boxes` (npos) counts merged GT boxes."""
+
+    map: float
+    det_map: float
+    ap: list[list[float]]
+    det_ap: list[float]
+    n_images: int
+    n_detections: int
+    n_gt_regions: int
+    n_gt_boxes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _meteor_per_pair(pairs: list[tuple[str, list[str]]], scorer: PairScorer | None,
+                     timeout_s: float) -> np.ndarray:
+    """METEOR of each (candidate, references) pair that has references, NaN for the rest, in one batch."""
+    out = np.full(len(pairs), np.nan)
+    todo = [i for i, (_, refs) in enumerate(pairs) if refs]
+    if not todo:
+        return out
+    gts = {k: [_clean(r) for r in pairs[i][1]] for k, i in enumerate(todo)}
+    res = {k: [_clean(pairs[i][0])] for k, i in enumerate(todo)}
+    own = scorer is None
+    scorer = MeteorScorer(timeout_s) if own else scorer
+    try:
+        _, per = scorer.compute_score(gts, res)
+    finally:
+        if own:
+            scorer.close()
+    out[todo] = per
+    return out
+
+
+def densecap_map(predictions: Mapping[Hashable, Sequence[Detection]],
+                 ground_truth: Mapping[Hashable, Sequence[GTRegion]],
+                 meteor: PairScorer | None = None, *, meteor_timeout_s: float = 600.0) -> DenseCapResult:
+    """DenseCap mAP of per-image detections against per-image GT regions (plain tuples work too).
+
+    Per image: GT boxes merged (`merge_ground_truth`: mean box, all captions as references), detections matched
+    by descending score (`match_detections`). Each matched detection is scored by METEOR against the
+    references of its best box, all in one batch through `meteor` (default: one MeteorScorer for this call,
+    then closed). Over all images, by descending score (ties: input order), a detection is a true positive
+    at (IoU thr, METEOR thr) iff it took its box, IoU >= thr and METEOR > thr (strict). Images missing from
+    either mapping count as having no detections or no GT (the original fails on both)."""
+    images = list(ground_truth) + [k for k in predictions if k not in ground_truth]
+    scores, pairs, ok, iou = [], [], [], []
+    n_regions = npos = 0
+    for img in images:
+        gts = [GTRegion(*g) for g in ground_truth.get(img, ())]
+        dets = sorted((Detection(*d) for d in predictions.get(img, ())), key=lambda d: -d.score)
+        merged, references = merge_ground_truth(gts)
+        n_regions += len(gts)
+        npos += len(merged)
+        for d, m in zip(dets, match_detections([d.box for d in dets], merged)):
+            scores.append(float(d.score))
+            pairs.append((d.caption, references[m.gt] if m.gt >= 0 else []))
+            ok.append(m.ok)
+            iou.append(m.iou)
+
+    met = _meteor_per_pair(pairs, meteor, meteor_timeout_s)
+    order = np.argsort(-np.asarray(scores, float), kind="stable")
+    ok, iou, met = np.asarray(ok, bool)[order], np.asarray(iou, float)[order], met[order]
+    det_ap = [average_precision(ok & (iou >= t), npos) for t in IOU_THRESHOLDS]
+    ap = [[average_precision(ok & (iou >= t) & (met > m), npos) for m in METEOR_THRESHOLDS] for t in IOU_THRESHOLDS]
+    return DenseCapResult(map=float(np.mean(ap)), det_map=float(np.mean(det_ap)), ap=ap, det_ap=det_ap,
+                          n_images=len(images), n_detections=len(scores), n_gt_regions=n_regions, n_gt_boxes=npos)
