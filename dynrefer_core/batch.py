@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from .data.annotations import annotation_box
 from .describe import describe_views, region_results
-from .views import HASH_NAMES, STRATEGIES, RenderedViews, ViewOptions, load_image, prepare, region_box
-from .views.geometry import BOX_ROUNDINGS
+from .cli import add_view_arguments, view_options
+from .views import RenderedViews, ViewOptions, load_image, prepare, region_box
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -463,13 +463,7 @@ def build_parser(prog: str = "dynrefer describe") -> argparse.ArgumentParser:
     ap.add_argument("--phrases", default="", help="with an image or folder: comma-separated phrases to score")
     ap.add_argument("--resume", action="store_true", help="continue --out, skipping the region ids it has")
     ap.add_argument("--coco-results", help="also write the COCO captioning-results form here")
-    ap.add_argument("--n-views", type=int, default=None, help="default: the model's n")
-    ap.add_argument("--strategy", default="phash", choices=STRATEGIES)
-    ap.add_argument("--ts", type=float, nargs="*", default=None, help="the n-1 context ts for --strategy fixed")
-    ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--hash-name", default="dct", choices=HASH_NAMES)
-    ap.add_argument("--seed", type=int, default=None, help="seed of --strategy random")
-    ap.add_argument("--box-rounding", choices=BOX_ROUNDINGS, default=None, help="default: the model's setting")
+    add_view_arguments(ap)
     ap.add_argument("--tag-threshold", type=float, default=None)
     ap.add_argument("--controls", default="", help="comma-separated words put before every caption control")
     ap.add_argument("--batch-regions", type=int, default=32, help="regions per model batch (across images)")
@@ -485,15 +479,9 @@ def build_parser(prog: str = "dynrefer describe") -> argparse.ArgumentParser:
 
 
 def _settings(args, ap) -> DescribeSettings:
-    if args.strategy == "fixed" and not args.ts:
-        ap.error("--strategy fixed needs --ts (n-1 values in (0, 1])")
     if args.batch_regions < 1:
         ap.error("--batch-regions must be >= 1")
-    try:
-        views = ViewOptions(n_views=args.n_views, strategy=args.strategy, ts=args.ts, alpha=args.alpha,
-                            hash_name=args.hash_name, seed=args.seed, box_rounding=args.box_rounding)
-    except ValueError as err:
-        ap.error(str(err))
+    views = view_options(args, ap)
     controls = tuple(c.strip() for c in args.controls.split(",") if c.strip())
     return DescribeSettings(views, args.tag_threshold, controls, args.batch_regions)
 

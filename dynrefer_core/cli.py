@@ -12,6 +12,7 @@ Each subcommand is the module it names (`python -m dynrefer_core.batch`, `.evalu
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import runpy
 import sys
@@ -26,6 +27,34 @@ COMMANDS = {
     "demo": (None, "start the Gradio app (from a source checkout)"),
 }
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "app.py"
+
+
+def add_view_arguments(ap: argparse.ArgumentParser, seed: int | None = None) -> None:
+    """The ViewOptions flags, shared by every command that runs the model on views."""
+    from .views import HASH_NAMES, STRATEGIES
+    from .views.geometry import BOX_ROUNDINGS
+
+    ap.add_argument("--n-views", type=int, default=None, help="views per region (default: the model's n)")
+    ap.add_argument("--strategy", default="phash", choices=STRATEGIES)
+    ap.add_argument("--ts", type=float, nargs="*", default=None, help="the n-1 context ts for --strategy fixed")
+    ap.add_argument("--alpha", type=float, default=1.0, help="score = Hamming / t^alpha")
+    ap.add_argument("--hash-name", default="dct", choices=HASH_NAMES, help="the view hash h_t")
+    ap.add_argument("--seed", type=int, default=seed, help="seed of --strategy random")
+    ap.add_argument("--box-rounding", choices=BOX_ROUNDINGS, default=None,
+                    help="how the box is mapped into each view (default: the model's setting)")
+
+
+def view_options(args: argparse.Namespace, ap: argparse.ArgumentParser):
+    """The ViewOptions of `add_view_arguments`' flags, or an argparse error that says what is wrong."""
+    from .views import ViewOptions
+
+    if args.strategy == "fixed" and not args.ts:
+        ap.error("--strategy fixed needs --ts (n-1 values in (0, 1])")
+    try:
+        return ViewOptions(n_views=args.n_views, strategy=args.strategy, ts=args.ts, alpha=args.alpha,
+                           hash_name=args.hash_name, seed=args.seed, box_rounding=args.box_rounding)
+    except ValueError as err:
+        ap.error(str(err))
 
 
 def usage() -> str:

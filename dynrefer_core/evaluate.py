@@ -27,8 +27,8 @@ from . import metrics
 from .data.annotations import RegionAnnotations, load_annotations
 from .data.dataset import iter_image_batches
 from .describe import check_tag_threshold, describe_views, threshold_tags
-from .views import HASH_NAMES, ViewOptions
-from .views.geometry import BOX_ROUNDINGS
+from .cli import add_view_arguments, view_options
+from .views import ViewOptions
 
 HEADLINE = ("recognition_top1", "tag_f1", "CIDEr", "METEOR", "BLEU-4", "ROUGE-L", "attribute_mAP",
             "relation_accuracy")
@@ -260,13 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--annotations", required=True, help="COCO-style region annotations (spec §5.3)")
     ap.add_argument("--split", default="test", help="images of this split (files without splits: all); 'all' = every image")
     ap.add_argument("--out", help="write the JSON result here (the markdown table is also printed)")
-    ap.add_argument("--n-views", type=int, default=None, help="default: the model's n_views")
-    ap.add_argument("--strategy", default="phash", choices=["phash", "fixed", "random"])
-    ap.add_argument("--ts", type=float, nargs="*", default=None, help="the n-1 context ts for --strategy fixed")
-    ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--hash-name", default="dct", choices=HASH_NAMES, help="the view hash h_t")
-    ap.add_argument("--box-rounding", choices=BOX_ROUNDINGS, default=None,
-                    help="how the box is mapped into each view (default: the model's setting)")
+    add_view_arguments(ap, seed=0)
     ap.add_argument("--tag-threshold", type=float, default=None)
     ap.add_argument("--tag-list", help="tag list for files that store tag indices (the release: ram_tag_list.txt)")
     ap.add_argument("--image-root", help="override dataset.image_root")
@@ -277,20 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip BLEU/METEOR/ROUGE-L/CIDEr (machines without Java or pycocoevalcap)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--seed", type=int, default=0, help="seed of --strategy random")
     ap.add_argument("--save-predictions", action="store_true", help="also store every region's prediction in --out")
     args = ap.parse_args(argv)
     from .modeling.dynrefer import DynRefer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.strategy == "fixed" and not args.ts:
-        ap.error("--strategy fixed needs --ts (n-1 values in (0, 1])")
-    try:
-        views = ViewOptions(n_views=args.n_views, strategy=args.strategy, ts=args.ts, alpha=args.alpha,
-                            hash_name=args.hash_name, seed=args.seed, box_rounding=args.box_rounding)
-    except ValueError as err:
-        ap.error(str(err))
+    views = view_options(args, ap)
     try:
         ann = load_annotations(args.annotations, tag_list=args.tag_list, image_root=args.image_root).split(args.split)
         model = DynRefer.from_pretrained(args.checkpoint, device=args.device)
