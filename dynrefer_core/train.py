@@ -35,7 +35,6 @@ from .data.annotations import RegionAnnotations, load_annotations
 from .data.dataset import RegionDataset, collate_regions
 from .evaluate import calibrate_tag_threshold, evaluate_model
 from .modeling.losses import asymmetric_loss
-from .modeling.vision import ConvStem, sincos_position_embedding
 from .runtime import choose_device, choose_dtype
 from .views import ViewOptions
 
@@ -157,28 +156,6 @@ def attribute_lines(names: list[str]) -> list[str]:
     return [f"{kinds.get(n, 'is attribute')}:{n}" for n in names]
 
 
-def init_from_scratch(module: torch.nn.Module, grid: int, std: float = 0.02) -> None:
-    """ViT-style initialisation for training a vision tower from scratch.
-
-    BLIP-2's vision config uses initializer_range=1e-10 (it always loads pretrained weights), which leaves a
-    fresh ViT constant. And a learned position table initialised at std 0.02 stays ~50x weaker than the
-    patch features, so the tokens reach the Q-Former as a bag of patches: colour and texture are learned but
-    shape, size and relations never are. The table therefore starts as a 2-D sin-cos table (still trained).
-    A conv stem keeps PyTorch's fan-in initialisation: at std 0.02 each of its layers would shrink the signal.
-    """
-    stem = {id(p) for m in module.modules() if isinstance(m, ConvStem) for p in m.parameters()}
-    for name, p in module.named_parameters():
-        if id(p) in stem:
-            continue
-        if "position_embedding" in name:
-            with torch.no_grad():
-                p.copy_(sincos_position_embedding(grid, p.shape[-1]).reshape(p.shape))
-        elif p.ndim >= 2 or "embedding" in name:
-            torch.nn.init.trunc_normal_(p, std=std)
-        elif name.endswith("bias"):
-            torch.nn.init.zeros_(p)
-
-
 def build_model(cfg: dict, train_ann: RegionAnnotations):
     """A fresh model from the preset, with a tokenizer and vocabulary built from the training data."""
     from .config import DynReferConfig
@@ -199,14 +176,7 @@ def build_model(cfg: dict, train_ann: RegionAnnotations):
     texts = [r.caption for r in train_ann.regions] + vocabulary.words()
     vocab_size = mcfg["tokenizer_vocab_size"] or config.language.vocab_size
     tokenizer = build_word_tokenizer(texts, vocab_size=vocab_size)
-    model = DynRefer(config, tokenizer=tokenizer, vocabulary=vocabulary)
-    if not config.freeze_vision:
-        init_from_scratch(model.vision, config.grid_size)
-    if not config.freeze_language:
-        # HF's T5 initialises an untied lm_head with std 1, so a from-scratch T5 starts with logits of
-        # std ~sqrt(d_model) (caption loss ~60 instead of ~ln V); std d_model^-0.5 starts it near uniform.
-        torch.nn.init.normal_(model.language.t5.lm_head.weight, std=config.lm_hidden ** -0.5)
-    return model
+    return DynRefer(config, tokenizer=tokenizer, vocabulary=vocabulary).init_from_scratch()
 
 
 def epoch_batches(ds: RegionDataset, sampler: "EpochSampler", epoch: int, batch_size: int, num_workers: int,
