@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .data.annotations import RegionAnnotations, load_annotations
 from .data.dataset import RegionDataset, collate_regions
+from .data.scenes import attribute_lines
 from .evaluate import calibrate_tag_threshold, evaluate_model
 from .modeling.losses import asymmetric_loss
 from .runtime import choose_device, choose_dtype
@@ -144,16 +145,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ model
-
-
-def attribute_lines(names: list[str]) -> list[str]:
-    """OVAD-style attribute lines for plain attribute names: colours as "has color:red" (prompt "the red
-    color"), anything else as "is <kind>:<name>" (prompt "the striped")."""
-    from .data import scenes
-
-    kinds = {**{c: "has color" for c in scenes.COLOURS}, **{p: "is pattern" for p in scenes.PATTERNS},
-             **{s: "is size" for s in scenes.SIZES}}
-    return [f"{kinds.get(n, 'is attribute')}:{n}" for n in names]
 
 
 def build_model(cfg: dict, train_ann: RegionAnnotations):
@@ -343,24 +334,6 @@ def warm_up_encoder(warm: EncoderWarmup, ds: RegionDataset, sampler: "EpochSampl
         epoch += 1
 
 
-class CachedTextEncode:
-    """Memoise the frozen text encoder per text: training captions form a finite set, so each is embedded
-    once instead of every time its region is sampled (the encoder is frozen, so nothing changes)."""
-
-    def __init__(self, encode) -> None:
-        self.encode = encode
-        self.table: dict[str, torch.Tensor] = {}
-
-    def __call__(self, texts) -> torch.Tensor:
-        texts = list(texts)
-        missing = [t for t in dict.fromkeys(texts) if t not in self.table]
-        if missing:
-            self.table.update(zip(missing, self.encode(missing)))
-        if not texts:
-            return self.encode(texts)
-        return torch.stack([self.table[t] for t in texts])
-
-
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -477,7 +450,7 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
         model = build_model(cfg, train_ann)
         seed_everything(seed + dd.rank)
     model.place(device, dtype)
-    model.text_encoder.encode = CachedTextEncode(model.text_encoder.encode)
+    model.text_encoder.use_cache()
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     vocab = list(model.vocabulary.tags)

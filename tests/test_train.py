@@ -109,17 +109,23 @@ def test_resume_continues_exactly(tiny_data, tmp_path, dtype):
     assert _log_losses(tmp_path / "full")[2:] == _log_losses(tmp_path / "half")[2:]
 
 
-def test_cached_text_encode_embeds_each_text_once():
-    calls = []
+def test_text_encoder_cache_embeds_each_new_text_once():
+    from dynrefer_core.config import DynReferConfig
+    from dynrefer_core.modeling.text import TextEncoder
+    from dynrefer_core.modeling.tokenization import build_word_tokenizer
 
-    def encode(texts):
-        calls.append(list(texts))
-        return torch.tensor([[float(len(t))] for t in texts])
-
-    c = T.CachedTextEncode(encode)
-    assert c(["ab", "c", "ab"]).flatten().tolist() == [2.0, 1.0, 2.0]
-    assert c(["c", "dddd"]).flatten().tolist() == [1.0, 4.0]
-    assert calls == [["ab", "c"], ["dddd"]]
+    torch.manual_seed(0)
+    encoder = TextEncoder(DynReferConfig.tiny(), build_word_tokenizer(["ab c", "dddd"], 64), cache=True)
+    batch_sizes = []
+    encoder.model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    first = encoder.encode(["ab", "c", "ab"])
+    second = encoder.encode(["c", "dddd"])
+    assert batch_sizes == [2, 1]  # "ab" and "c" together, then "dddd" alone
+    assert torch.equal(first[0], first[2]) and torch.equal(second[0], first[1])
+    encoder.use_cache(False)
+    assert torch.equal(encoder.encode(["ab", "c"]), first[:2]) and batch_sizes == [2, 1, 2]
+    assert encoder.encode([]).shape == (0, 32)
 
 
 def test_encoder_warm_up_trains_the_encoder_only_then_the_method_takes_over(tiny_data, tmp_path):
