@@ -13,7 +13,6 @@ selection never looks at test). `out_dir` holds the model (`save_pretrained`), `
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -21,7 +20,6 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,54 +35,8 @@ from .data.scenes import attribute_lines
 from .evaluate import calibrate_tag_threshold, evaluate_model
 from .modeling.losses import asymmetric_loss
 from .runtime import choose_device, choose_dtype
+from .train_config import TrainConfig, load_config  # noqa: F401  (load_config: the trainer's entry for configs)
 from .views import ViewOptions
-
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "out_dir": "runs/dynrefer",
-    "data": {"annotations": None, "generate": None, "tag_list": None, "image_root": None,
-             "train_split": "train", "val_split": "val", "num_workers": 0, "class_prompt_ratio": 0.0,
-             "phash_view_ratio": 0.0},
-    "model": {"preset": "mini", "overrides": {}, "tokenizer_vocab_size": None},
-    "train": {"max_steps": 1000, "batch_size": 32, "lr": 1e-4, "min_lr": 0.0, "warmup_steps": 100,
-              "warmup_start_lr": 0.0, "weight_decay": 0.05, "betas": [0.9, 0.999], "grad_clip": 1.0,
-              "threads": None, "log_every": 10, "eval_every": 500, "save_every": 500, "val_regions": 256,
-              "val_meteor": False, "calibrate_tag_threshold": False, "dtype": None, "device": None,
-              "encoder_warmup_steps": 0, "encoder_warmup_lr": 5e-4,
-              "encoder_warmup_context_probe": False, "encoder_object_probe_weight": 0.0,
-              "encoder_probe_weight": 0.0},
-}
-
-
-# ------------------------------------------------------------------------------------------- config
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_config(path: str | Path | None, sets: list[str] = ()) -> dict:
-    """The YAML file on top of DEFAULTS, then `--set a.b=value` overrides (values parsed as YAML)."""
-    user = yaml.safe_load(Path(path).read_text()) if path else {}
-    cfg = _merge(DEFAULTS, user or {})
-    for s in sets:
-        if "=" not in s:
-            raise ValueError(f"--set {s!r} must look like section.key=value")
-        key, value = s.split("=", 1)
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    unknown = [f"{sec}.{k}" for sec in ("data", "model", "train") for k in cfg[sec] if k not in DEFAULTS[sec]]
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known: "
-                         + ", ".join(f"{s}.{k}" for s in ("data", "model", "train") for k in DEFAULTS[s]))
-    return cfg
-
 
 # ------------------------------------------------------------------------------------------ schedule
 
@@ -147,25 +99,21 @@ def seed_everything(seed: int) -> None:
 # ------------------------------------------------------------------------------------------ model
 
 
-def build_model(cfg: dict, train_ann: RegionAnnotations):
+def build_model(cfg: TrainConfig, train_ann: RegionAnnotations):
     """A fresh model from the preset, with a tokenizer and vocabulary built from the training data."""
     from .config import DynReferConfig
     from .modeling.dynrefer import DynRefer
     from .modeling.tokenization import build_word_tokenizer
     from .vocab import Vocabulary
 
-    mcfg = cfg["model"]
-    preset = getattr(DynReferConfig, mcfg["preset"], None)
-    if preset is None:
-        raise ValueError(f"model.preset {mcfg['preset']!r} is not a DynReferConfig preset (mini, tiny, ...)")
-    config = DynReferConfig.from_dict(_merge(preset().to_dict(), mcfg["overrides"]))
+    config = cfg.model.dynrefer_config()
     default = Vocabulary.default()
     tags = list(train_ann.tag_list) or sorted({t for r in train_ann.regions for t in r.tags})
     vocabulary = Vocabulary(tags=tags, classes=list(train_ann.categories) or default.classes,
                             attributes=attribute_lines(list(train_ann.attributes)) if train_ann.attributes
                             else default.attributes)
     texts = [r.caption for r in train_ann.regions] + vocabulary.words()
-    vocab_size = mcfg["tokenizer_vocab_size"] or config.language.vocab_size
+    vocab_size = cfg.model.tokenizer_vocab_size or config.language.vocab_size
     tokenizer = build_word_tokenizer(texts, vocab_size=vocab_size)
     return DynRefer(config, tokenizer=tokenizer, vocabulary=vocabulary).init_from_scratch()
 
@@ -296,37 +244,36 @@ class ProbedObjective(torch.nn.Module):
         return out
 
 
-def warm_up_encoder(warm: EncoderWarmup, ds: RegionDataset, sampler: "EpochSampler", cfg: dict, dd: "Dist",
+def warm_up_encoder(warm: EncoderWarmup, ds: RegionDataset, sampler: "EpochSampler", cfg: TrainConfig, dd: "Dist",
                     device: torch.device, log) -> None:
     """`train.encoder_warmup_steps` steps of `warm` (an `EncoderWarmup`) at the constant `train.encoder_warmup_lr`."""
-    t, d = cfg["train"], cfg["data"]
-    steps, bs = int(t["encoder_warmup_steps"]), int(t["batch_size"])
+    t, d = cfg.train, cfg.data
+    steps, bs = t.encoder_warmup_steps, t.batch_size
     net = warm
     if dd.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             warm, device_ids=[dd.local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
-    optimizer = torch.optim.AdamW(param_groups(warm, float(t["weight_decay"])), lr=float(t["encoder_warmup_lr"]),
-                                  betas=tuple(t["betas"]))
+    optimizer = torch.optim.AdamW(param_groups(warm, t.weight_decay), lr=t.encoder_warmup_lr, betas=tuple(t.betas))
     if dd.main:
         probes = "z and one on the mean context RoI map" if warm.context_probe is not None else "z"
         if warm.object_probe is not None:
             probes += (f", plus {warm.object_weight:g} x cross-entropy of an object probe on the other objects in "
                        "the context views")
-        log(f"encoder warm-up: {steps} steps at lr {float(t['encoder_warmup_lr']):g}, tag loss on a linear probe of "
+        log(f"encoder warm-up: {steps} steps at lr {t.encoder_warmup_lr:g}, tag loss on a linear probe of "
             f"{probes}, then the method's losses")
     step, epoch, running, count = 0, 0, 0.0, 0
     while step < steps:
         # Epochs 10000+: its own data order, so the main phase's epochs are the same with or without it.
-        for batch in epoch_batches(ds, sampler, 10_000 + epoch, bs, int(d["num_workers"]), int(cfg["seed"])):
+        for batch in epoch_batches(ds, sampler, 10_000 + epoch, bs, d.num_workers, cfg.seed):
             batch = batch.to(device)
             loss = net(**batch.model_inputs(), context_objects=batch.context_objects)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(warm.parameters(), float(t["grad_clip"]))
+            torch.nn.utils.clip_grad_norm_(warm.parameters(), t.grad_clip)
             optimizer.step()
             step += 1
             running, count = running + float(loss.detach()), count + 1
-            if dd.main and (step % int(t["log_every"]) == 0 or step == steps):
+            if dd.main and (step % t.log_every == 0 or step == steps):
                 log(f"encoder warm-up {step}/{steps} probe loss {running / count:.4f}")
                 running, count = 0.0, 0
             if step >= steps:
@@ -373,21 +320,20 @@ class Logger:
                 f.write(line + "\n")
 
 
-def prepare_data(cfg: dict, main: bool) -> Path:
+def prepare_data(cfg: TrainConfig, main: bool) -> Path:
     """The annotation file; generated first (rank 0) when the config says how and it does not exist."""
-    d = cfg["data"]
-    if not d["annotations"]:
+    d = cfg.data
+    if not d.annotations:
         raise ValueError("data.annotations is not set: give the COCO-style annotation file to train on")
-    path = Path(d["annotations"])
+    path = Path(d.annotations)
     if not path.exists():
-        gen = d.get("generate")
-        if not gen:
+        gen = d.generate
+        if gen is None:
             raise ValueError(f"data.annotations {path} does not exist and data.generate is not set")
         if main:
             from .data.generate import generate
 
-            generate(int(gen["seed"]), int(gen["num_images"]), path.parent, gen.get("split", "all"),
-                     int(gen.get("workers", 1)))
+            generate(gen.seed, gen.num_images, path.parent, gen.split, gen.workers)
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -398,7 +344,7 @@ def save_state(out: Path, model, optimizer, step: int, epoch: int, batch_in_epoc
     model.save_pretrained(out)
     state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
              "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-             "config": cfg}
+             "config": cfg.to_dict()}
     if probes is not None:
         state["probes"] = probes.probe_state()
     if torch.cuda.is_available():
@@ -406,37 +352,37 @@ def save_state(out: Path, model, optimizer, step: int, epoch: int, batch_in_epoc
     tmp = out / "trainer_state.pt.tmp"
     torch.save(state, tmp)
     tmp.replace(out / "trainer_state.pt")
-    (out / "train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Run the training described by `cfg`; returns the last logged metrics (rank 0).
 
     `stop_after`: save the state and return after that many steps (as if the run were interrupted).
     """
     from .modeling.dynrefer import DynRefer
 
-    t = cfg["train"]
-    dd = init_distributed(t["device"])
-    if t["threads"]:
-        torch.set_num_threads(int(t["threads"]))
-    device = choose_device(t["device"] if dd.world == 1 or t["device"] == "cpu" else
+    t = cfg.train
+    dd = init_distributed(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = choose_device(t.device if dd.world == 1 or t.device == "cpu" else
                            (f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"))
-    dtype = choose_dtype(device, t["dtype"])
-    out = Path(cfg["out_dir"])
+    dtype = choose_dtype(device, t.dtype)
+    out = Path(cfg.out_dir)
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
     if dd.main and not (resume and (out / "trainer_state.pt").exists()):
         (out / "train_log.txt").unlink(missing_ok=True)  # a fresh run gets a fresh log; a resumed one appends
     log = Logger(out / "train_log.txt" if dd.main else None)
-    seed = int(cfg["seed"])
+    seed = cfg.seed
     seed_everything(seed + dd.rank)
 
     ann_path = prepare_data(cfg, dd.main)
-    d = cfg["data"]
-    ann = load_annotations(ann_path, tag_list=d["tag_list"], image_root=d["image_root"])
-    train_ann = ann.split(d["train_split"])
-    val_ann = ann.split(d["val_split"]) if d["val_split"] else None
+    d = cfg.data
+    ann = load_annotations(ann_path, tag_list=d.tag_list, image_root=d.image_root)
+    train_ann = ann.split(d.train_split)
+    val_ann = ann.split(d.val_split) if d.val_split else None
 
     state = None
     if resume and (out / "trainer_state.pt").exists():
@@ -454,24 +400,24 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     vocab = list(model.vocabulary.tags)
-    object_weight = float(t["encoder_object_probe_weight"])
+    object_weight = t.encoder_object_probe_weight
     object_classes = list(train_ann.categories) if object_weight > 0 else None
     if object_classes is not None and not object_classes:
         raise ValueError("train.encoder_object_probe_weight > 0 needs region categories in the annotations "
-                         f"({d['annotations']} has none): set it to 0")
+                         f"({d.annotations} has none): set it to 0")
     ds = RegionDataset(train_ann, vocab, image_size=model.config.image_size,
-                       views=ViewOptions(strategy="random").resolve(model.config), seed=seed, class_prompt_ratio=float(d["class_prompt_ratio"]),
-                       phash_view_ratio=float(d["phash_view_ratio"]), object_classes=object_classes)
-    bs = int(t["batch_size"])
+                       views=ViewOptions(strategy="random").resolve(model.config), seed=seed, class_prompt_ratio=d.class_prompt_ratio,
+                       phash_view_ratio=d.phash_view_ratio, object_classes=object_classes)
+    bs = t.batch_size
     sampler = EpochSampler(len(ds), seed, dd.rank, dd.world)
     steps_per_epoch = len(sampler) // bs
     if steps_per_epoch == 0:
         raise ValueError(f"{len(sampler)} training regions per process is less than one batch of {bs}")
 
     warm, objective, saved_probes = None, model, None
-    probe_weight = float(t["encoder_probe_weight"])
-    if (state is None and int(t["encoder_warmup_steps"]) > 0) or probe_weight > 0:
-        warm = EncoderWarmup(model, len(vocab), bool(t["encoder_warmup_context_probe"]),
+    probe_weight = t.encoder_probe_weight
+    if (state is None and t.encoder_warmup_steps > 0) or probe_weight > 0:
+        warm = EncoderWarmup(model, len(vocab), t.encoder_warmup_context_probe,
                              len(object_classes or []), object_weight).to(device)
     if object_weight > 0 and warm is None:
         raise ValueError("train.encoder_object_probe_weight > 0 is a probe of the encoder warm-up: it needs "
@@ -483,8 +429,7 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
                 raise ValueError(f"{out / 'trainer_state.pt'} holds no probe weights: it was saved by a run without "
                                  "train.encoder_probe_weight; resume it with the same config")
             warm.load_probe_state(state["probes"])
-    optimizer = torch.optim.AdamW(param_groups(objective, float(t["weight_decay"])), lr=float(t["lr"]),
-                                  betas=tuple(t["betas"]))
+    optimizer = torch.optim.AdamW(param_groups(objective, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -494,21 +439,21 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
         random.setstate(state["python_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if state is None and int(t["encoder_warmup_steps"]) > 0:
+    if state is None and t.encoder_warmup_steps > 0:
         # Before the first checkpoint: an interrupted warm-up simply restarts with the run.
         warm_up_encoder(warm, ds, sampler, cfg, dd, device, log)
     ddp = objective
     if dd.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[dd.local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
-    max_steps = int(t["max_steps"])
-    sched = dict(lr=float(t["lr"]), min_lr=float(t["min_lr"]), warmup_steps=int(t["warmup_steps"]),
-                 warmup_start_lr=float(t["warmup_start_lr"]), max_steps=max_steps)
+    max_steps = t.max_steps
+    sched = dict(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, warmup_start_lr=t.warmup_start_lr,
+                 max_steps=max_steps)
     if dd.main:
         log(f"device {device} dtype {dtype} world {dd.world} | {len(train_ann.regions)} train regions "
             f"({len(train_ann.images)} images), {len(val_ann.regions) if val_ann else 0} val regions | "
             f"{n_train / 1e6:.2f} M trainable parameters | {max_steps} steps x {bs} regions x {dd.world} processes")
-        log("config " + json.dumps(cfg))
+        log("config " + json.dumps(cfg.to_dict()))
         if probe_weight > 0:
             log(f"the warm-up probes stay on: loss + {probe_weight:g} x their tag loss (part 'probe')")
     bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not dd.main,
@@ -517,7 +462,7 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
     running: dict[str, float] = {}
     t0 = time.perf_counter()
     while step < max_steps:
-        for batch in epoch_batches(ds, sampler, epoch, bs, int(d["num_workers"]), seed, skip=batch_in_epoch * bs):
+        for batch in epoch_batches(ds, sampler, epoch, bs, d.num_workers, seed, skip=batch_in_epoch * bs):
             lr = lr_at(step, **sched)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -528,7 +473,7 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
             output = ddp(**inputs)  # bf16 autocast inside on CUDA (model.place)
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(objective.parameters(), float(t["grad_clip"]))
+            gnorm = torch.nn.utils.clip_grad_norm_(objective.parameters(), t.grad_clip)
             optimizer.step()
             step += 1
             batch_in_epoch += 1
@@ -538,7 +483,7 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
             running["n"] = running.get("n", 0) + 1
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()} | {"lr": f"{lr:.2e}"}, refresh=False)
-            if dd.main and (step % int(t["log_every"]) == 0 or step == max_steps):
+            if dd.main and (step % t.log_every == 0 or step == max_steps):
                 n = running.pop("n")
                 avg = {k: v / n for k, v in running.items()}
                 running = {}
@@ -546,11 +491,10 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
                 log(f"step {step}/{max_steps} epoch {epoch} lr {lr:.3e} grad_norm {float(gnorm):.3f} "
                     + " ".join(f"{k} {v:.4f}" for k, v in avg.items()) + f" | {el:.0f}s")
                 last = {"step": step, **avg}
-            if val_ann is not None and int(t["eval_every"]) > 0 and (step % int(t["eval_every"]) == 0
-                                                                     or step == max_steps):
+            if val_ann is not None and t.eval_every > 0 and (step % t.eval_every == 0 or step == max_steps):
                 if dd.main:
-                    res = evaluate_model(model, val_ann, max_regions=int(t["val_regions"]),
-                                         meteor=bool(t["val_meteor"]), progress=False)
+                    res = evaluate_model(model, val_ann, max_regions=t.val_regions, meteor=t.val_meteor,
+                                         progress=False)
                     vals = {k: res.value(k) for k in ("recognition_top1", "tag_f1", "CIDEr", "METEOR",
                                                       "relation_accuracy", "subject_accuracy")}
                     log(f"val@{step} ({res.num_regions} regions, {res.seconds:.0f}s): "
@@ -560,7 +504,7 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
                 if dist.is_initialized():
                     dist.barrier()
             stop = stop_after is not None and step >= stop_after
-            if step % int(t["save_every"]) == 0 or step == max_steps or stop:
+            if step % t.save_every == 0 or step == max_steps or stop:
                 if dd.main:
                     save_state(out, model, optimizer, step, epoch, batch_in_epoch, cfg, saved_probes)
                 if dist.is_initialized():
@@ -573,8 +517,8 @@ def train(cfg: dict, resume: bool = False, stop_after: int | None = None) -> dic
             continue
         break
     bar.close()
-    if dd.main and t["calibrate_tag_threshold"] and val_ann is not None and step >= max_steps:
-        thr, f1 = calibrate_tag_threshold(model, val_ann, int(t["val_regions"]) * 4)
+    if dd.main and t.calibrate_tag_threshold and val_ann is not None and step >= max_steps:
+        thr, f1 = calibrate_tag_threshold(model, val_ann, t.val_regions * 4)
         log(f"tag threshold {model.config.tag_threshold} -> {thr} (val tag F1 {f1:.4f}); saved in config.json")
         model.config.tag_threshold = thr
         save_state(out, model, optimizer, step, epoch, batch_in_epoch, cfg, saved_probes)

@@ -14,8 +14,7 @@ from dynrefer_core.data.generate import generate
 def tiny_ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalcli")
     ann_path = generate(41, 10, root / "data")
-    cfg = T.load_config(None, [])
-    cfg["model"]["preset"] = "tiny"
+    cfg = T.load_config(None, ["model.preset=tiny"])
     model = T.build_model(cfg, load_annotations(ann_path).split("train"))
     model.save_pretrained(root / "ckpt")
     return root / "ckpt", ann_path

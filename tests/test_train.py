@@ -1,6 +1,8 @@
 """Training: schedule, parameter groups, a few real steps of the tiny config, reproducibility and resume."""
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from safetensors.torch import load_file
 
 from dynrefer_core import train as T
 from dynrefer_core.data.generate import generate
+from dynrefer_core.train_config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, TrainLoopConfig
 
 
 def test_warmup_really_warms_up_then_cosine():
@@ -46,10 +49,38 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"train": {"lr": 0.1}}))
     cfg = T.load_config(p, ["train.max_steps=7", "model.overrides={n_views: 2}"])
-    assert cfg["train"]["lr"] == 0.1 and cfg["train"]["max_steps"] == 7 and cfg["model"]["overrides"] == {"n_views": 2}
-    assert cfg["train"]["batch_size"] == T.DEFAULTS["train"]["batch_size"]
+    assert cfg.train.lr == 0.1 and cfg.train.max_steps == 7 and cfg.model.overrides == {"n_views": 2}
+    assert cfg.train.batch_size == TrainLoopConfig().batch_size
     with pytest.raises(ValueError, match="unknown config keys"):
         T.load_config(p, ["train.lrate=1"])
+
+
+def test_config_values_are_typed(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config keys \['train.lrate', 'seeed'\]; known: seed, out_dir"):
+        T.load_config(None, ["train.lrate=1", "seeed=1"])
+    for bad, message in [("train.lr=abc", "train.lr must be a number, got 'abc'"),
+                         ("train.max_steps=2.5", "train.max_steps must be int"),
+                         ("train.val_meteor=1", "train.val_meteor must be bool"),
+                         ("train.betas=[0.9, x]", r"train.betas\[1\] must be a number"),
+                         ("data.generate={seed: 1}", r"data.generate lacks \['num_images'\]"),
+                         ("train=5", "train must be a mapping")]:
+        with pytest.raises(ValueError, match=message):
+            T.load_config(None, [bad])
+    cfg = T.load_config(None, ["train.lr=1e-3", "train.grad_clip=2", "data.generate={seed: 3, num_images: 5}"])
+    assert cfg.train.lr == 1e-3 and cfg.train.grad_clip == 2.0  # YAML reads 1e-3 as a string
+    assert cfg.data.generate == GenerateConfig(seed=3, num_images=5, split="all", workers=1)
+    with pytest.raises(ValueError, match="lr must be a number"):
+        dataclasses.replace(cfg.train, lr="fast")
+
+
+@pytest.mark.parametrize("path", ["configs/mini.yaml", "checkpoints/mini/train_config.yaml",
+                                  "bench/results/mini_trained_1view/train_config.yaml"])
+def test_shipped_configs_load_and_saved_ones_round_trip(path):
+    file = Path(__file__).parents[1] / path
+    cfg = T.load_config(file)
+    assert cfg.model.dynrefer_config().vision_stem == "conv" and cfg.train.encoder_probe_weight == 1.0
+    if path.endswith("train_config.yaml"):  # what train() writes: the same file again
+        assert yaml.safe_dump(cfg.to_dict(), sort_keys=False) == file.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +91,10 @@ def tiny_data(tmp_path_factory):
 
 
 def tiny_cfg(data, out, **train):
-    cfg = T.load_config(None, [])
-    cfg["out_dir"] = str(out)
-    cfg["data"]["annotations"] = str(data)
-    cfg["model"]["preset"] = "tiny"
-    cfg["train"].update(dict(max_steps=4, batch_size=4, lr=1e-3, warmup_steps=2, log_every=1, eval_every=4,
-                             save_every=2, val_regions=4, threads=1), **train)
-    return cfg
+    loop = dict(max_steps=4, batch_size=4, lr=1e-3, warmup_steps=2, log_every=1, eval_every=4, save_every=2,
+                val_regions=4, threads=1)
+    return TrainConfig(out_dir=str(out), data=DataConfig(annotations=str(data)), model=ModelConfig(preset="tiny"),
+                       train=TrainLoopConfig(**{**loop, **train}))
 
 
 def _log_losses(out):
