@@ -9,19 +9,22 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dynrefer_core import optim
+from dynrefer_core import scratch_probes as P
 from dynrefer_core import train as T
 from dynrefer_core.data.generate import generate
+from dynrefer_core.data.sampling import EpochSampler
 from dynrefer_core.train_config import DataConfig, GenerateConfig, ModelConfig, TrainConfig, TrainLoopConfig
 
 
 def test_warmup_really_warms_up_then_cosine():
     kw = dict(lr=1e-3, min_lr=1e-5, warmup_steps=10, warmup_start_lr=0.0, max_steps=110)
-    assert T.lr_at(0, **kw) == 0.0  # starts at warmup_start_lr, not at the peak (the release's no-op)
-    assert T.lr_at(5, **kw) == pytest.approx(5e-4)
-    assert T.lr_at(10, **kw) == pytest.approx(1e-3)
-    assert T.lr_at(60, **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # half-way down the cosine
-    assert T.lr_at(110, **kw) == pytest.approx(1e-5)
-    lrs = [T.lr_at(s, **kw) for s in range(111)]
+    assert optim.lr_at(0, **kw) == 0.0  # starts at warmup_start_lr, not at the peak (the release's no-op)
+    assert optim.lr_at(5, **kw) == pytest.approx(5e-4)
+    assert optim.lr_at(10, **kw) == pytest.approx(1e-3)
+    assert optim.lr_at(60, **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # half-way down the cosine
+    assert optim.lr_at(110, **kw) == pytest.approx(1e-5)
+    lrs = [optim.lr_at(s, **kw) for s in range(111)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
@@ -38,7 +41,7 @@ def test_weight_decay_groups_follow_the_release():
             self.frozen.requires_grad_(False)
 
     m = M()
-    decay, no_decay = T.param_groups(m, 0.05)
+    decay, no_decay = optim.param_groups(m, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
     assert ids(decay) == {id(m.fc.weight), id(m.query)}
@@ -169,8 +172,8 @@ def test_encoder_warm_up_trains_the_encoder_only_then_the_method_takes_over(tiny
     ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
                        views=ViewOptions(strategy="random").resolve(model.config))
     lines = []
-    warm = T.EncoderWarmup(model, len(model.vocabulary.tags))
-    T.warm_up_encoder(warm, ds, T.EpochSampler(len(ds), 0), cfg, T.Dist(0, 1, 0), torch.device("cpu"), lines.append)
+    warm = P.EncoderWarmup(model, len(model.vocabulary.tags))
+    P.warm_up_encoder(warm, ds, EpochSampler(len(ds), 0), cfg, torch.device("cpu"), lines.append)
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert {"fusion", "qformer"} <= changed <= {"vision", "align", "fusion", "qformer"}  # the encoder only
     assert "probe" not in " ".join(model.state_dict())  # the probe is not part of the model
@@ -201,8 +204,8 @@ def test_context_probe_trains_the_vit_through_the_context_views(tiny_data, tmp_p
     batch = collate_regions([ds[i] for i in range(4)])
     inputs = batch.model_inputs()
     torch.manual_seed(1)
-    plain = T.EncoderWarmup(model, len(model.vocabulary.tags))
-    both = T.EncoderWarmup(model, len(model.vocabulary.tags), context_probe=True)
+    plain = P.EncoderWarmup(model, len(model.vocabulary.tags))
+    both = P.EncoderWarmup(model, len(model.vocabulary.tags), context_probe=True)
     both.probe.load_state_dict(plain.probe.state_dict())
     with torch.no_grad():
         assert float(both(**inputs)) > float(plain(**inputs)) > 0
@@ -237,12 +240,12 @@ def test_probe_loss_kept_in_the_main_phase_adds_to_the_methods_losses_and_resume
     ds = RegionDataset(train_ann, model.vocabulary.tags, image_size=model.config.image_size,
                        views=ViewOptions(strategy="random").resolve(model.config))
     inputs = collate_regions([ds[i] for i in range(4)]).model_inputs()
-    warm = T.EncoderWarmup(model, len(model.vocabulary.tags), context_probe=True)
+    warm = P.EncoderWarmup(model, len(model.vocabulary.tags), context_probe=True)
     with torch.no_grad():
         torch.manual_seed(5)
         plain = model(**inputs)
         torch.manual_seed(5)
-        probed = T.ProbedObjective(warm, 0.5)(**inputs)
+        probed = P.ProbedObjective(warm, 0.5)(**inputs)
         probe = float(warm(**inputs))
     assert set(probed.losses) == {"caption", "tag", "rtc", "probe"}
     for k in ("caption", "tag", "rtc"):
@@ -280,8 +283,8 @@ def test_object_probe_reads_the_other_objects_in_the_context_views(tiny_data, tm
     batch = collate_regions([ds[i] for i in range(4)])
     assert len(batch.context_objects) > 0
     inputs = batch.model_inputs()
-    plain = T.EncoderWarmup(model, len(model.vocabulary.tags))
-    probed = T.EncoderWarmup(model, len(model.vocabulary.tags), object_classes=len(classes), object_weight=2.0)
+    plain = P.EncoderWarmup(model, len(model.vocabulary.tags))
+    probed = P.EncoderWarmup(model, len(model.vocabulary.tags), object_classes=len(classes), object_weight=2.0)
     probed.probe.load_state_dict(plain.probe.state_dict())
     with torch.no_grad():
         z, rois, grid = probed.encode(inputs["pixel_values"], inputs["boxes"])
