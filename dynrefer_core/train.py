@@ -184,13 +184,16 @@ def start_run(cfg: TrainConfig, resume: bool = False) -> Run:
     val_ann = annotations.split(cfg.data.val_split) if cfg.data.val_split else None
     model, state = load_model(cfg, train_ann, ranks, resume, log)
     model.place(device, loop.dtype)
-    model.text_encoder.use_cache()
     model.train()
     classes = probe_classes(cfg, train_ann)
     data = RegionDataset(train_ann, list(model.vocabulary.tags), image_size=model.config.image_size,
                          views=ViewOptions(strategy="random").resolve(model.config), seed=cfg.seed,
                          class_prompt_ratio=cfg.data.class_prompt_ratio, phash_view_ratio=cfg.data.phash_view_ratio,
                          object_classes=classes)
+    # Each training text embedded once, all up front in one order: its embedding then does not depend on
+    # which texts it was first batched with, so a resumed run trains on the same bits as an uninterrupted one.
+    model.text_encoder.use_cache()
+    model.text_encoder.encode(data.region_texts())
     sampler = EpochSampler(len(data), cfg.seed, ranks.rank, ranks.world)
     if len(sampler) < loop.batch_size:
         raise ValueError(f"{len(sampler)} training regions per process is less than one batch of {loop.batch_size}")

@@ -162,6 +162,37 @@ def test_text_encoder_cache_embeds_each_new_text_once():
 
 
 @pytest.mark.slow
+def test_resume_is_bit_exact_mid_epoch_and_at_the_epochs_end(tiny_data, tmp_path):
+    kw = dict(eval_every=0, batch_size=8, max_steps=7, save_every=100)  # 6 steps an epoch (52 regions)
+    T.train(tiny_cfg(tiny_data, tmp_path / "full", **kw))
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    for stop, epoch in [(3, 0), (6, 0)]:
+        T.train(tiny_cfg(tiny_data, tmp_path / f"at{stop}", **kw), stop_after=stop)
+        state = torch.load(tmp_path / f"at{stop}" / "trainer_state.pt", weights_only=False)
+        assert (state["epoch"], state["batch_in_epoch"]) == (epoch, stop)
+        T.train(tiny_cfg(tiny_data, tmp_path / f"at{stop}", **kw), resume=True)
+        resumed = load_file(str(tmp_path / f"at{stop}" / "model.safetensors"))
+        assert [k for k in full if not torch.equal(full[k], resumed[k])] == [], f"resumed after step {stop}"
+        assert _log_losses(tmp_path / "full")[stop:] == _log_losses(tmp_path / f"at{stop}")[stop:]
+
+
+def test_region_texts_hold_every_text_a_sample_can_give(tiny_data):
+    """The trainer embeds these up front, so that no text is first embedded mid-run (see the test above)."""
+    from dynrefer_core.config import DynReferConfig
+    from dynrefer_core.data.annotations import load_annotations
+    from dynrefer_core.data.dataset import RegionDataset
+    from dynrefer_core.views import ViewOptions
+
+    train_ann = load_annotations(tiny_data).split("train")
+    views = ViewOptions(strategy="random").resolve(DynReferConfig.tiny())
+    ds = RegionDataset(train_ann, ["red"], image_size=112, views=views, class_prompt_ratio=0.5)
+    texts = ds.region_texts()
+    given = {ds[i].rtc_text for i in range(len(ds))}
+    assert len(texts) == len(set(texts)) and given <= set(texts)
+    assert any(t.startswith("the ") for t in given) and {r.caption for r in train_ann.regions} <= set(texts)
+
+
+@pytest.mark.slow
 def test_encoder_warm_up_trains_the_encoder_only_then_the_method_takes_over(tiny_data, tmp_path):
     from dynrefer_core.data.annotations import load_annotations
     from dynrefer_core.data.dataset import RegionDataset

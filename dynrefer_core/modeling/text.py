@@ -70,7 +70,10 @@ class TextEncoder(nn.Module):
     def use_cache(self, on: bool = True) -> None:
         """Turn the per-text cache on (emptied) or off. The trainer turns it on: training captions form a
         finite set, and the encoder is frozen, so each needs embedding only once. The texts a call has not
-        seen are embedded together, in first-seen order; place the model before turning it on."""
+        seen are embedded together, in first-seen order; place the model before turning it on.
+
+        An embedding's last bits depend on the batch it was computed in (the matmuls' shapes), so cached
+        values depend on the order texts arrive in; the trainer embeds all its texts in one first call."""
         self.cache = {} if on else None
 
     @torch.no_grad()
