@@ -175,8 +175,8 @@ def build_objective(cfg: TrainConfig, model: DynRefer, state: dict | None, objec
         return Objective(model, model, warm)
     if state is not None:
         if "probes" not in state:
-            raise ValueError(f"{Path(cfg.out_dir) / 'trainer_state.pt'} holds no probe weights: it was saved by a run without "
-                             "train.encoder_probe_weight; resume it with the same config")
+            raise ValueError(f"{Path(cfg.out_dir) / 'trainer_state.pt'} holds no probe weights: it was saved by a "
+                             "run without train.encoder_probe_weight; resume it with the same config")
         warm.load_probe_state(state["probes"])
     return Objective(model, ProbedObjective(warm, loop.encoder_probe_weight), warm)
 

@@ -190,13 +190,13 @@ def start_run(cfg: TrainConfig, resume: bool = False) -> Run:
                          views=ViewOptions(strategy="random").resolve(model.config), seed=cfg.seed,
                          class_prompt_ratio=cfg.data.class_prompt_ratio, phash_view_ratio=cfg.data.phash_view_ratio,
                          object_classes=classes)
+    sampler = EpochSampler(len(data), cfg.seed, ranks.rank, ranks.world)
+    if len(sampler) < loop.batch_size:
+        raise ValueError(f"{len(sampler)} training regions per process is less than one batch of {loop.batch_size}")
     # Each training text embedded once, all up front in one order: its embedding then does not depend on
     # which texts it was first batched with, so a resumed run trains on the same bits as an uninterrupted one.
     model.text_encoder.use_cache()
     model.text_encoder.encode(data.region_texts())
-    sampler = EpochSampler(len(data), cfg.seed, ranks.rank, ranks.world)
-    if len(sampler) < loop.batch_size:
-        raise ValueError(f"{len(sampler)} training regions per process is less than one batch of {loop.batch_size}")
     objective = build_objective(cfg, model, state, len(classes or ()))
     run = Run(cfg, ranks, device, out, log, model, objective, objective.module,
               adamw(objective.module, loop.lr, loop), data, sampler, val_ann)
