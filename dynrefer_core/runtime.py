@@ -1,4 +1,4 @@
-"""The one place that chooses the device and the compute dtype.
+"""The one place that chooses the device, the compute dtype and, under torchrun, the process group.
 
 CUDA: bf16 autocast when the card supports it (the release runs FlanT5 in bf16). fp16 is refused for
 FlanT5: its activations overflow fp16's range (inf/NaN captions), a known T5 problem.
@@ -9,9 +9,12 @@ they exist).
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 def choose_device(device: str | torch.device | None = None) -> torch.device:
@@ -65,3 +68,49 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Ranks:
+    """This process's place among the training processes: rank 0 of 1 unless torchrun started several."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0, which logs, evaluates and saves."""
+        return self.rank == 0
+
+    def device(self, requested: str | None = None) -> torch.device:
+        """`requested` (or `choose_device`'s default) for one process; with several, this process's GPU
+        (`local_rank`), or the CPU without CUDA or when "cpu" is requested."""
+        if self.world == 1 or requested == "cpu":
+            return choose_device(requested)
+        return choose_device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
+
+    def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """`module` under DistributedDataParallel with several processes (backward then averages the
+        gradients over them), else `module` itself."""
+        if self.world == 1:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    def barrier(self) -> None:
+        """Wait for the other processes (a no-op without a process group)."""
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def init_distributed(device: str | None = None) -> Ranks:
+    """Join torchrun's process group if there is one: NCCL on GPUs, gloo on the CPU (or when `device` is "cpu")."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Ranks()
+    backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+    dist.init_process_group(backend)
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if backend == "nccl":
+        torch.cuda.set_device(ranks.local_rank)
+    return ranks

@@ -44,8 +44,7 @@ def test_probe_is_nan_without_two_classes_and_fits_separable_data():
 @pytest.mark.slow
 def test_probe_encoder_runs_on_a_saved_model(data, tmp_path):
     ann, root = data
-    cfg = T.load_config(None, [])
-    cfg["model"]["preset"] = "tiny"
+    cfg = T.load_config(None, ["model.preset=tiny"])
     T.build_model(cfg, load_annotations(ann).split("train")).save_pretrained(root / "ckpt")
     out = tmp_path / "probes.md"
     table = P.main(["--checkpoint", str(root / "ckpt"), "--annotations", str(ann), "--split", "train",

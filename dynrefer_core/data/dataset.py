@@ -32,6 +32,11 @@ def tag_target(tags: Sequence[str], vocabulary: dict[str, int]) -> torch.Tensor:
     return y
 
 
+def class_prompt(category: str) -> str:
+    """The recognition prompt of a category, as `Vocabulary.class_prompts` writes it: "the {category}"."""
+    return f"the {category.lower()}"
+
+
 @dataclass
 class RegionBatch:
     """A batch of regions: the model's forward inputs plus the labels the metrics need."""
@@ -139,6 +144,14 @@ class RegionDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def region_texts(self) -> list[str]:
+        """Every text a sample can give the region-text loss: the captions and, with `class_prompt_ratio`,
+        the class prompts; each once, in region order."""
+        texts = [r.caption for r in self.regions]
+        if self.class_prompt_ratio > 0:
+            texts += [class_prompt(r.category) for r in self.regions if r.category]
+        return list(dict.fromkeys(texts))
+
     def __len__(self) -> int:
         return len(self.regions)
 
@@ -157,7 +170,7 @@ class RegionDataset(Dataset):
         rtc_text = None
         if self.class_prompt_ratio > 0 and r.category:
             pick = random.Random((self.seed * 7_368_787 + self.epoch) * 1_000_033 + index).random()
-            rtc_text = f"the {r.category.lower()}" if pick < self.class_prompt_ratio else r.caption
+            rtc_text = class_prompt(r.category) if pick < self.class_prompt_ratio else r.caption
         objects = None
         if self.object_classes is not None:
             objects = self.objects_in_views(r, [v.crop_box for v in plan.views])

@@ -48,6 +48,14 @@ def tag_vocabulary() -> list[str]:
     return list(SIZES) + list(COLOURS) + list(PATTERNS) + list(CATEGORIES) + list(RELATIONS)
 
 
+def attribute_lines(names: list[str]) -> list[str]:
+    """OVAD-style attribute lines for plain attribute names: colours as "has color:red" (prompt "the red
+    color"), anything else as "is <kind>:<name>" (prompt "the striped")."""
+    kinds = {**{c: "has color" for c in COLOURS}, **{p: "is pattern" for p in PATTERNS},
+             **{s: "is size" for s in SIZES}}
+    return [f"{kinds.get(n, 'is attribute')}:{n}" for n in names]
+
+
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 

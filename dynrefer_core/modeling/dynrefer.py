@@ -28,7 +28,7 @@ from .losses import asymmetric_loss, sigmoid_contrastive_loss
 from .qformer import QFormer
 from .text import TextEncoder
 from .tokenization import build_word_tokenizer
-from .vision import VisionEncoder
+from .vision import ConvStem, VisionEncoder, sincos_position_embedding
 
 
 @dataclass
@@ -87,6 +87,32 @@ class DynRefer(PretrainedMixin, nn.Module):
         self.compute_dtype = torch.float32
         if compute_tables:
             self.refresh_text_tables()
+
+    # ------------------------------------------------------------------ initialisation
+    def init_from_scratch(self, std: float = 0.02) -> "DynRefer":
+        """Re-initialise the trainable towers for training from scratch; returns the model.
+
+        The ViT (unless frozen): weights and embeddings truncated-normal at `std`, biases zero, the position
+        table a 2-D sin-cos table, a conv stem left at PyTorch's fan-in initialisation. Why: BLIP-2's vision
+        config initialises with std 1e-10 (it always loads pretrained weights), which leaves a fresh ViT
+        constant. T5 (unless frozen): `lm_head` at std d_model^-0.5, so the caption loss starts near ln V
+        (docs/training-from-scratch.md#initialisation).
+        """
+        if not self.config.freeze_vision:
+            stem = {id(p) for m in self.vision.modules() if isinstance(m, ConvStem) for p in m.parameters()}
+            for name, p in self.vision.named_parameters():
+                if id(p) in stem:
+                    continue
+                if "position_embedding" in name:
+                    with torch.no_grad():
+                        p.copy_(sincos_position_embedding(self.config.grid_size, p.shape[-1]).reshape(p.shape))
+                elif p.ndim >= 2 or "embedding" in name:
+                    nn.init.trunc_normal_(p, std=std)
+                elif name.endswith("bias"):
+                    nn.init.zeros_(p)
+        if not self.config.freeze_language:
+            nn.init.normal_(self.language.t5.lm_head.weight, std=self.config.lm_hidden ** -0.5)
+        return self
 
     # ------------------------------------------------------------------ placement
     @property

@@ -7,7 +7,8 @@
   (BERT, mean pooling over tokens, L2-normalised, 384-d), which loads offline. Its weights come from
   the package, so they are not stored in model folders.
 
-`encode(texts)` runs without gradient, in batches of 64 (as the release builds its tables).
+`encode(texts)` runs without gradient, in batches of 64 (as the release builds its tables), optionally
+through a per-text cache (`cache=True`).
 """
 from __future__ import annotations
 
@@ -42,10 +43,14 @@ def minilm_path():
 
 
 class TextEncoder(nn.Module):
-    """texts -> (T, text_embed_dim) fp32 embeddings. Frozen; the tokenizer is attached, not saved here."""
+    """texts -> (T, text_embed_dim) fp32 embeddings. Frozen; the tokenizer is attached, not saved here.
 
-    def __init__(self, config: DynReferConfig, tokenizer=None):
+    `cache`: keep each text's embedding and embed only texts not seen before (see `use_cache`).
+    """
+
+    def __init__(self, config: DynReferConfig, tokenizer=None, cache: bool = False):
         super().__init__()
+        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
         self.kind = config.text_encoder.kind
         self.output_scale = float(config.text_encoder.output_scale)
         self.max_length = config.text_encoder.max_length
@@ -62,11 +67,28 @@ class TextEncoder(nn.Module):
     def train(self, mode: bool = True) -> "TextEncoder":
         return super().train(False)  # always frozen: dropout off
 
+    def use_cache(self, on: bool = True) -> None:
+        """Turn the per-text cache on (emptied) or off. The trainer turns it on: training captions form a
+        finite set, and the encoder is frozen, so each needs embedding only once. The texts a call has not
+        seen are embedded together, in first-seen order; place the model before turning it on.
+
+        An embedding's last bits depend on the batch it was computed in (the matmuls' shapes), so cached
+        values depend on the order texts arrive in; the trainer embeds all its texts in one first call."""
+        self.cache = {} if on else None
+
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = list(texts)
+        if self.cache is None or not texts:
+            return self._encode(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            self.cache.update(zip(missing, self._encode(missing)))
+        return torch.stack([self.cache[t] for t in texts])
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
         if self.tokenizer is None:
             raise ValueError("the text encoder has no tokenizer; pass text_tokenizer= to DynRefer")
-        texts = list(texts)
         device = next(self.model.parameters()).device
         if not texts:
             return torch.zeros(0, self.output_dim, device=device)
