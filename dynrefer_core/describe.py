@@ -49,6 +49,8 @@ class RegionResult:
     box_rounding: str = "exact"
     timings: dict[str, float] = field(default_factory=dict)
     crops: list[Image.Image] = field(default_factory=list, repr=False)
+    objectness: float | None = None  # describe_all: the proposer's score of the box
+    confidence: float | None = None  # describe_all: how sure the whole answer is (see automatic.py)
 
     def to_dict(self) -> dict:
         out = {
@@ -68,6 +70,9 @@ class RegionResult:
         if self.category is not None:
             out["category"] = self.category
             out["class_scores"] = [{"name": n, "score": float(s)} for n, s in self.class_scores]
+        for key in ("objectness", "confidence"):
+            if getattr(self, key) is not None:
+                out[key] = float(getattr(self, key))
         return out
 
 

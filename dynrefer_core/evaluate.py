@@ -27,9 +27,12 @@ from . import metrics
 from .data.annotations import RegionAnnotations, load_annotations
 from .data.dataset import iter_image_batches
 from .describe import check_tag_threshold, describe_views, threshold_tags
+from .views import load_image
 from .cli import add_view_arguments, view_options
 from .views import ViewOptions
 
+DENSECAP_PROTOCOLS = {"gt": "ground-truth boxes, caption probability: the paper's protocol",
+                      "proposals": "proposed boxes, caption probability x objectness: end to end"}
 HEADLINE = ("recognition_top1", "tag_f1", "CIDEr", "METEOR", "BLEU-4", "ROUGE-L", "attribute_mAP",
             "relation_accuracy")
 
@@ -51,6 +54,11 @@ class EvalResult:
     neighbour_accuracy: float = math.nan  # caption words after the relation exactly right
     tiny_subject_accuracy: float = math.nan  # the same, on regions whose reference says "tiny"
     word_accuracy: dict[str, float] = field(default_factory=dict)  # DynRefer-mini: per attribute word
+    densecap_protocol: str | None = None  # "gt" (the paper's: GT boxes) or "proposals" (end to end)
+    densecap_map: float = math.nan
+    densecap_det_map: float = math.nan
+    proposal_recall: float = math.nan  # GT boxes with a proposal at IoU >= 0.5 ("proposals" only)
+    proposals_per_image: float = math.nan
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     predictions: list[dict] = field(default_factory=list)
@@ -77,6 +85,13 @@ class EvalResult:
                 rows.append(f"| {name} | {v:.4f} |")
         for name, v in self.word_accuracy.items():
             rows.append(f"| word accuracy: {name} | {v:.4f} |")
+        if self.densecap_protocol:
+            how = DENSECAP_PROTOCOLS[self.densecap_protocol]
+            rows.append(f"| DenseCap mAP ({how}) | {self.densecap_map:.4f} |")
+            rows.append(f"| DenseCap detection mAP ({how}) | {self.densecap_det_map:.4f} |")
+            if not math.isnan(self.proposal_recall):
+                rows.append(f"| proposal recall at IoU 0.5 ({self.proposals_per_image:.1f} per image) | "
+                            f"{self.proposal_recall:.4f} |")
         rows.append(f"| regions | {self.num_regions} |")
         return "\n".join(rows)
 
@@ -196,6 +211,46 @@ def calibrate_tag_threshold(model, annotations: RegionAnnotations, max_regions: 
     return best[1], best[0]
 
 
+def densecap_on_gt_boxes(preds: list[dict]) -> metrics.DenseCapResult:
+    """The paper's dense-captioning protocol (spec 8.1): every ground-truth box is described and ranked by its
+    caption probability; `preds` are `evaluate_model`'s prediction dicts."""
+    predictions: dict = {}
+    ground_truth: dict = {}
+    for p in preds:
+        predictions.setdefault(p["image_id"], []).append(metrics.Detection(p["box"], p["caption"], p["caption_score"]))
+        ground_truth.setdefault(p["image_id"], []).append(metrics.GTRegion(p["box"], p["reference"]))
+    return metrics.densecap_map(predictions, ground_truth)
+
+
+def densecap_on_proposals(model, annotations: RegionAnnotations, proposer, *, views: ViewOptions | None = None,
+                          max_proposals: int = 30, progress: bool = True
+                          ) -> tuple[metrics.DenseCapResult, float, float]:
+    """End-to-end dense captioning: each image's proposals (at most `max_proposals`) described and ranked by
+    caption probability x objectness (`AutomaticRegionDescriber`). Returns the DenseCap result, the share of
+    ground-truth boxes with a proposal at IoU >= 0.5, and the mean number of proposals per image."""
+    from .automatic import AutomaticRegionDescriber
+
+    describer = AutomaticRegionDescriber(model, proposer, max_regions=max_proposals, views=views)
+    predictions: dict = {}
+    ground_truth: dict = {}
+    found, n_proposals = [], []
+    by_image = annotations.by_image()
+    for image_id, regions in tqdm(by_image.items(), desc="densecap proposals", unit="image", disable=not progress):
+        path = annotations.images[image_id].path
+        proposals = proposer(load_image(path))
+        order = np.argsort(-np.asarray(proposals.scores, float), kind="stable")[:max_proposals]
+        boxes = np.asarray(proposals.boxes, float).reshape(-1, 4)[order]
+        n_proposals.append(len(boxes))
+        gt = np.array([r.box for r in regions], float)
+        iou = metrics.box_iou(gt, boxes) if len(boxes) else np.zeros((len(gt), 0))
+        found += list((iou >= 0.5).any(axis=1)) if len(boxes) else [False] * len(gt)
+        results = describer.generate(path, proposals=proposals)
+        predictions[image_id] = [metrics.Detection(r.box, r.caption, r.confidence) for r in results]
+        ground_truth[image_id] = [metrics.GTRegion(r.box, r.caption) for r in regions]
+    return (metrics.densecap_map(predictions, ground_truth), float(np.mean(found)) if found else math.nan,
+            float(np.mean(n_proposals)) if n_proposals else math.nan)
+
+
 def word_accuracy(preds: list[dict]) -> dict[str, float]:
     """DynRefer-mini captions ("a {size} {colour} {pattern} {category} {relation} a {colour} {category}"):
     how often each word of the reference is the word the prediction has in the same slot. Which words need
@@ -272,12 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--save-predictions", action="store_true", help="also store every region's prediction in --out")
+    ap.add_argument("--densecap", choices=sorted(DENSECAP_PROTOCOLS),
+                    help="also dense captioning: 'gt' describes the ground-truth boxes (the paper's protocol), "
+                         "'proposals' the boxes of --proposer or --proposals (end to end); needs Java (METEOR)")
+    ap.add_argument("--proposer", help="--densecap proposals: a proposer folder (checkpoints/proposer) or sam:MODEL")
+    ap.add_argument("--proposals", help="--densecap proposals: boxes from a file (GRiT format or {file_name: [[x1, y1, "
+                                        "x2, y2, score], ...]})")
+    ap.add_argument("--max-proposals", type=int, default=30, help="--densecap proposals: boxes per image")
     args = ap.parse_args(argv)
     from .modeling.dynrefer import DynRefer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     views = view_options(args, ap)
+    if args.densecap == "proposals" and bool(args.proposer) == bool(args.proposals):
+        ap.error("--densecap proposals needs exactly one of --proposer DIR and --proposals FILE")
     try:
         ann = load_annotations(args.annotations, tag_list=args.tag_list, image_root=args.image_root).split(args.split)
         model = DynRefer.from_pretrained(args.checkpoint, device=args.device)
@@ -289,6 +353,25 @@ def main(argv: list[str] | None = None) -> int:
                          batch_regions=args.batch_regions)
     res.settings.update({"checkpoint": str(args.checkpoint), "annotations": str(args.annotations),
                          "split": args.split})
+    if args.densecap:
+        if not metrics.caption_metrics_available():
+            print("error: --densecap scores captions with METEOR, which needs Java (apt-get install "
+                  "default-jre-headless)", file=sys.stderr)
+            return 1
+        res.densecap_protocol = args.densecap
+        if args.densecap == "gt":
+            dense = densecap_on_gt_boxes(res.predictions)
+        else:
+            from .proposals import load_proposer
+
+            proposer = load_proposer(args.proposer or f"file:{args.proposals}")
+            if args.max_regions is not None:
+                ann = dataclasses.replace(ann, regions=ann.regions[:args.max_regions])
+            dense, res.proposal_recall, res.proposals_per_image = densecap_on_proposals(
+                model, ann, proposer, views=views, max_proposals=args.max_proposals)
+            res.settings.update({"proposer": args.proposer, "proposals": args.proposals,
+                                 "max_proposals": args.max_proposals})
+        res.densecap_map, res.densecap_det_map = dense.map, dense.det_map
     out = res.to_dict(with_predictions=args.save_predictions)
     print(res.table())
     if args.out:

@@ -73,3 +73,18 @@ def test_evaluate_with_a_hub_id_offline_fails_fast_and_clearly(scenes):
     assert proc.returncode == 1
     assert ("'dynrefer-core-tests/no-such-model' is neither a local model folder nor a reachable Hugging Face Hub "
             "model") in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("java") is None, reason="DenseCap scores captions with METEOR (Java)")
+def test_evaluate_densecap_on_ground_truth_boxes(tiny_ckpt, tmp_path, capsys):
+    ckpt, ann = tiny_ckpt
+    out = tmp_path / "dense.json"
+    assert E.main(["--checkpoint", str(ckpt), "--annotations", str(ann), "--split", "all", "--max-regions", "12",
+                   "--densecap", "gt", "--no-meteor", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["densecap_protocol"] == "gt" and 0 <= res["densecap_map"] <= res["densecap_det_map"] == 1.0
+    assert "DenseCap mAP (ground-truth boxes, caption probability: the paper's protocol)" in res["table"]
+    with pytest.raises(SystemExit):
+        E.main(["--checkpoint", str(ckpt), "--annotations", str(ann), "--densecap", "proposals"])
+    assert "exactly one of --proposer DIR and --proposals FILE" in capsys.readouterr().err

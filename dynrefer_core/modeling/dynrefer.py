@@ -298,3 +298,9 @@ class DynRefer(PretrainedMixin, nn.Module):
         from ..describe import describe  # describe.py builds on the model, not the other way round
 
         return describe(self, image, boxes, phrases, **kwargs)
+
+    def describe_all(self, image, proposer, phrases: Sequence[str] = (), max_regions: int = 30, **kwargs):
+        """Propose boxes with `proposer` and describe them, best first; see `automatic.AutomaticRegionDescriber`."""
+        from ..automatic import AutomaticRegionDescriber
+
+        return AutomaticRegionDescriber(self, proposer, max_regions=max_regions).generate(image, phrases, **kwargs)
