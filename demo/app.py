@@ -1,15 +1,18 @@
 """DynRefer demo: draw boxes, see which nested views the model picks and why, get captions, tags and similarity.
 
-    python demo/app.py [--host 127.0.0.1] [--port 7860] [--checkpoint DIR_OR_HUB_ID] [--device cpu|cuda] [--share]
+    python demo/app.py [--host 127.0.0.1] [--port 7860] [--checkpoint DIR_OR_HUB_ID] [--device cpu|cuda]
+                       [--proposer DIR | sam:MODEL | file:JSON] [--sam MODEL_ID_OR_DIR] [--share]
 
 The app is a thin view over the library: `plan_views_batch` gives the ViewPlans (the nested views b_t, their
 hashes h_t, Hamming distances and scores), `DynRefer.describe` gives RegionResults. This file is the page (layout,
 wiring, launch); demo/handlers.py turns input into those results or into messages a person can act on
-(gr.Error), and demo/figures.py plots them.
+(gr.Error), demo/everything.py does the same for 'Describe everything', and demo/figures.py plots them.
 
 API (documented in the README):
 - `/describe` (image, boxes as JSON [[x1, y1, x2, y2], ...], phrases "a, b") -> {"model", "image_size", "regions"}
 - `/plan_views` (image, boxes) -> {"image_size", "regions": [ViewPlan.to_dict(), ...]}, no model run.
+- `/describe_all` (image, phrases, max_regions) -> the /describe JSON of every proposed region, best first, each
+  with its `objectness` and `confidence`.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import gradio as gr  # noqa: E402
 from gradio_image_annotation import image_annotator  # noqa: E402
 
 from demo import handlers  # noqa: E402  (before anything that imports torch: it imports ZeroGPU's `spaces`)
+from demo import everything  # noqa: E402
 from demo.figures import similarity_plot  # noqa: E402
 
 ASSETS = ROOT / "assets"
@@ -102,8 +106,12 @@ def _region_card(item: dict) -> None:
         gr.Markdown(f"<small>Timings of the whole call (all boxes at once): {timings}</small>")
 
 
-def build_app(loaded: handlers.LoadedModel) -> gr.Blocks:
-    """All components and their wiring; the only state is `loaded` and a folder for the JSON downloads."""
+def build_app(loaded: handlers.LoadedModel, proposer: everything.LoadedProposer | None = None,
+              sam: everything.LoadedSam | None = None) -> gr.Blocks:
+    """All components and their wiring; the only state is `loaded`, `proposer` (for 'Describe everything'),
+    `sam` (point prompts) and a folder for the JSON downloads."""
+    proposer = proposer or everything.LoadedProposer(None, "none", "no proposer was given")
+    sam = sam or everything.LoadedSam(None, None)
     # Removed with the app, or at the latest when the process exits.
     downloads = tempfile.TemporaryDirectory(prefix="dynrefer-demo-", ignore_cleanup_errors=True)
     workdir = Path(downloads.name)
@@ -127,7 +135,18 @@ def build_app(loaded: handlers.LoadedModel) -> gr.Blocks:
                 _accept_any_file(annotator)
                 phrases = gr.Textbox(label="Phrases", info="comma-separated; each is scored against every region",
                                      placeholder="a red circle, a dog, the sky", elem_id="phrases")
-                describe_btn = gr.Button("Describe", variant="primary", elem_id="describe")
+                with gr.Row():
+                    describe_btn = gr.Button("Describe", variant="primary", elem_id="describe")
+                    everything_btn = gr.Button("Describe everything", elem_id="describe-all",
+                                               interactive=proposer.proposer is not None)
+                    max_regions = gr.Slider(1, 100, value=everything.MAX_REGIONS, step=1, label="At most (regions)",
+                                            elem_id="max-regions")
+                gr.Markdown(f"<small>{proposer.note()} Its boxes replace yours; pick any of them below to inspect "
+                            "its views.</small>")
+                with gr.Accordion("Point prompts (SAM)", open=sam.prompt is not None):
+                    gr.Markdown(f"<small>{sam.note()}</small>", elem_id="sam-note")
+                    point_image = gr.Image(label="Click a point", type="filepath", interactive=False, height=300,
+                                           visible=sam.prompt is not None, elem_id="point-image")
                 with gr.Tabs():
                     if scenes:
                         with gr.Tab("Examples: generated scenes"):
@@ -176,6 +195,9 @@ def build_app(loaded: handlers.LoadedModel) -> gr.Blocks:
                 for item in items:
                     _region_card(item)
 
+        table = gr.Dataframe(headers=["#", "caption", "confidence", "objectness", "caption probability", "box"],
+                             label="Every proposed region, by confidence (caption probability x objectness)",
+                             visible=False, interactive=False, wrap=True, elem_id="regions-table")
         download = gr.DownloadButton("Download everything as JSON", visible=False, elem_id="download")
         with gr.Accordion("Raw JSON (what the /describe API returns)", open=False):
             raw = gr.JSON(elem_id="raw-json")
@@ -192,6 +214,18 @@ def build_app(loaded: handlers.LoadedModel) -> gr.Blocks:
         describe_btn.click(functools.partial(handlers.on_describe, loaded, workdir), [annotator, phrases, *controls],
                            [cards, annotated, download, raw], api_visibility="undocumented",
                            concurrency_id="model", concurrency_limit=1)
+        if sam.prompt is not None:
+            annotator.change(lambda value: (value or {}).get("image"), annotator, point_image,
+                             api_visibility="undocumented", queue=False)
+            def on_point(value: dict | None, evt: gr.SelectData) -> dict:  # Gradio sees the event in the signature
+                return everything.on_point(sam, value, evt)
+
+            point_image.select(on_point, annotator, annotator, api_visibility="undocumented",
+                               concurrency_id="model", concurrency_limit=1)
+        everything_btn.click(functools.partial(everything.on_describe_all, loaded, proposer, workdir),
+                             [annotator, phrases, max_regions, *controls],
+                             [annotator, cards, annotated, table, download, raw], api_visibility="undocumented",
+                             concurrency_id="model", concurrency_limit=1)
 
         with gr.Column(visible=False):  # the inputs of the two API endpoints; not part of the page
             api_image = gr.File(label="image", file_types=["image"])
@@ -201,13 +235,17 @@ def build_app(loaded: handlers.LoadedModel) -> gr.Blocks:
                             gr.Textbox(value="phash", label="strategy"), gr.Textbox(value="", label="ts"),
                             gr.Textbox(value="dct", label="hash_name"), gr.Number(value=1.0, label="alpha"),
                             gr.Number(value=0, precision=0, label="seed")]
+            api_max_regions = gr.Number(value=everything.MAX_REGIONS, precision=0, label="max_regions")
             api_out = gr.JSON()
-            api_describe_btn, api_plan_btn = gr.Button(), gr.Button()
+            api_describe_btn, api_plan_btn, api_all_btn = gr.Button(), gr.Button(), gr.Button()
         api_describe_btn.click(functools.partial(handlers.api_describe, loaded),
                                [api_image, api_boxes, api_phrases, *api_controls], api_out, api_name="describe",
                                concurrency_id="model", concurrency_limit=1)
         api_plan_btn.click(handlers.api_plan_views, [api_image, api_boxes, *api_controls], api_out,
                            api_name="plan_views", concurrency_limit=4)
+        api_all_btn.click(functools.partial(everything.api_describe_all, loaded, proposer),
+                          [api_image, api_phrases, api_max_regions], api_out, api_name="describe_all",
+                          concurrency_id="model", concurrency_limit=1)
     demo.queue(max_size=32)  # the model runs one call at a time (concurrency_id "model"); the rest wait in line
     demo.downloads = downloads  # lives as long as the app; its finaliser removes the folder
     return demo
@@ -223,14 +261,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="model folder or Hugging Face Hub id (default: $DYNREFER_CHECKPOINT, else "
                              f"{handlers.short_path(handlers.DEFAULT_CHECKPOINT)})")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the best available)")
+    parser.add_argument("--proposer", default=os.environ.get("DYNREFER_PROPOSER") or None,
+                        help="boxes for 'Describe everything': a proposer folder, sam:MODEL_ID_OR_DIR or file:JSON "
+                             f"(default: $DYNREFER_PROPOSER, else {handlers.short_path(everything.DEFAULT_PROPOSER)})")
+    parser.add_argument("--sam", default=os.environ.get("DYNREFER_SAM") or None,
+                        help="point prompts: a SAM Hub id (facebook/sam-vit-base) or folder (default: $DYNREFER_SAM; off)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked)")
     args = parser.parse_args(argv)
     loaded = handlers.load_model(args.checkpoint, args.device)
-    print(loaded.banner(), flush=True)
+    proposer = everything.load_proposer(args.proposer)
+    sam = everything.load_sam(args.sam)
+    print(loaded.banner(), proposer.note(), sam.note(), sep="\n", flush=True)
     # Spaces and Docker stop the app with SIGTERM, which would skip the exit handlers: exit normally instead,
     # so that the downloads' folder is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    build_app(loaded).launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
+    build_app(loaded, proposer, sam).launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,25 @@ def bundled_model():
     from dynrefer_core.modeling.dynrefer import DynRefer
 
     return DynRefer.from_pretrained(ROOT / "checkpoints" / "mini", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_sam(tmp_path_factory):
+    """A random SamModel at 64 px and its processor, saved like a Hub folder (nothing is downloaded)."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+    from transformers.models.sam.configuration_sam import (SamMaskDecoderConfig, SamPromptEncoderConfig,
+                                                           SamVisionConfig)
+
+    config = SamConfig(
+        vision_config=SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                                      patch_size=8, output_channels=16, global_attn_indexes=[1], mlp_dim=64,
+                                      num_pos_feats=8),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8,
+                                                     mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                 mlp_dim=32, iou_head_hidden_dim=16))
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sam")
+    SamModel(config).save_pretrained(folder)
+    SamProcessor(SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(folder)
+    return folder
