@@ -167,10 +167,13 @@ def build_app(loaded: handlers.LoadedModel, proposer: everything.LoadedProposer 
                     alpha = gr.Slider(0.0, 3.0, value=1.0, step=0.1,
                                       label="Discount exponent α (score = Hamming / t^α; 1 = the paper)")
                     seed = gr.Number(value=0, precision=0, label="Seed (random strategy)")
+                    rounding = gr.Radio([handlers.MODEL_ROUNDING, "exact", "reference"], value=handlers.MODEL_ROUNDING,
+                                        label="Box inside each view (for Describe): the model's setting, the exact "
+                                              "formula, or the release's integer truncation", elem_id="box-rounding")
                 pick = gr.Dropdown([], label="Region to inspect", elem_id="pick")
                 views_note = gr.Markdown("_Upload an image or pick an example, then drag on it to draw a box._",
                                          elem_id="views-note")
-        controls = [n_views, strategy, ts_text, hash_name, alpha, seed]
+        controls = [n_views, strategy, ts_text, hash_name, alpha, seed, rounding]
 
         gr.Markdown("## Views of the inspected box (no model run)")
         with gr.Row(equal_height=True):
@@ -235,12 +238,13 @@ def build_app(loaded: handlers.LoadedModel, proposer: everything.LoadedProposer 
                             gr.Textbox(value="phash", label="strategy"), gr.Textbox(value="", label="ts"),
                             gr.Textbox(value="dct", label="hash_name"), gr.Number(value=1.0, label="alpha"),
                             gr.Number(value=0, precision=0, label="seed")]
+            api_rounding = gr.Textbox(value="", label="box_rounding")
             api_max_regions = gr.Number(value=everything.MAX_REGIONS, precision=0, label="max_regions")
             api_out = gr.JSON()
             api_describe_btn, api_plan_btn, api_all_btn = gr.Button(), gr.Button(), gr.Button()
         api_describe_btn.click(functools.partial(handlers.api_describe, loaded),
-                               [api_image, api_boxes, api_phrases, *api_controls], api_out, api_name="describe",
-                               concurrency_id="model", concurrency_limit=1)
+                               [api_image, api_boxes, api_phrases, *api_controls, api_rounding], api_out,
+                               api_name="describe", concurrency_id="model", concurrency_limit=1)
         api_plan_btn.click(handlers.api_plan_views, [api_image, api_boxes, *api_controls], api_out,
                            api_name="plan_views", concurrency_limit=4)
         api_all_btn.click(functools.partial(everything.api_describe_all, loaded, proposer),

@@ -34,10 +34,10 @@ class LoadedProposer:
 def load_proposer(spec: str | None = None) -> LoadedProposer:
     """`spec`: a proposer folder, `sam:MODEL_ID_OR_DIR` or `file:PROPOSALS.json` (default: the bundled
     checkpoints/proposer). Never raises, so the app always starts."""
-    from dynrefer_core.proposals import load_proposer as build
-
     source = spec or short_path(DEFAULT_PROPOSER)
     try:
+        from dynrefer_core.proposals import load_proposer as build
+
         return LoadedProposer(build(spec or str(DEFAULT_PROPOSER)), source)
     except Exception as exc:  # a missing or broken proposer: say so on the page
         return LoadedProposer(None, source, f"could not load the proposer `{source}` ({type(exc).__name__}: {exc}); "

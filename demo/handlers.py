@@ -161,15 +161,20 @@ def parse_ts(text: str | None) -> list[float] | None:
                        f"got {text!r}.") from None
 
 
+MODEL_ROUNDING = "model's setting"
+
+
 def view_options(n_views: float, strategy: str, ts_text: str | None, hash_name: str, alpha: float,
-                 seed: float | None) -> ViewOptions:
-    """The view controls as the ViewOptions of plan_views_batch and DynRefer.describe."""
+                 seed: float | None, box_rounding: str | None = None) -> ViewOptions:
+    """The view controls as the ViewOptions of plan_views_batch and DynRefer.describe (`box_rounding`: "exact",
+    "reference", or empty / MODEL_ROUNDING for the loaded model's setting)."""
     ts = parse_ts(ts_text) if strategy == "fixed" else None
     if strategy == "fixed" and not ts:
         raise gr.Error("The 'fixed t' strategy needs t values, e.g. '0.3, 1.0' (0 = the box, 1 = the whole image).")
     try:
         return ViewOptions(n_views=len(ts) + 1 if ts else int(n_views), strategy=strategy, ts=ts,
-                           hash_name=hash_name, alpha=float(alpha), seed=None if seed is None else int(seed))
+                           hash_name=hash_name, alpha=float(alpha), seed=None if seed is None else int(seed),
+                           box_rounding=None if box_rounding in (None, "", MODEL_ROUNDING) else box_rounding)
     except ValueError as exc:
         raise gr.Error(str(exc)) from None
 
@@ -307,13 +312,13 @@ def on_describe(loaded: LoadedModel, workdir: Path, value: dict | None, phrases:
 
 def api_describe(loaded: LoadedModel, image: Any, boxes: str, phrases: str = "", n_views: float = 3,
                  strategy: str = "phash", ts: str = "", hash_name: str = "dct", alpha: float = 1.0,
-                 seed: float = 0) -> dict:
+                 seed: float = 0, box_rounding: str = "") -> dict:
     """Caption, tags and phrase similarity of each box, with the views the model chose.
 
     image: the picture, at full resolution; boxes: a JSON list of [x1, y1, x2, y2] in its pixels; phrases:
-    comma-separated. Returns {"model", "image_size", "regions": [RegionResult.to_dict(), ...]}.
+    comma-separated; box_rounding: "exact" or "reference" (default: the model's setting). Returns {"model", "image_size", "regions": [RegionResult.to_dict(), ...]}.
     """
-    options = view_options(n_views, strategy, ts, hash_name, alpha, seed)
+    options = view_options(n_views, strategy, ts, hash_name, alpha, seed, box_rounding)
     return describe_json(loaded, read_image(image), parse_boxes(boxes), parse_phrases(phrases), options)[0]
 
 

@@ -275,7 +275,8 @@ def test_the_downloads_folder_goes_when_the_app_stops(checkpoint):
 def test_main_never_shares_unless_asked(monkeypatch, loaded):
     launched = []
     monkeypatch.setattr(handlers, "load_model", lambda checkpoint, device: loaded)
-    monkeypatch.setattr(app, "build_app", lambda model: types.SimpleNamespace(launch=lambda **kw: launched.append(kw)))
+    monkeypatch.setattr(app, "build_app", lambda *loaded_parts: types.SimpleNamespace(
+        launch=lambda **kw: launched.append(kw)))
     app.main(["--port", "7999"])
     app.main(["--share", "--host", "0.0.0.0"])
     assert launched[0]["share"] is False and launched[0]["server_port"] == 7999
@@ -290,10 +291,11 @@ def test_spaces_gpu_wraps_the_model_call_when_available(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
     monkeypatch.delitem(sys.modules, "dynrefer_demo_app")
-    monkeypatch.delitem(sys.modules, "demo.handlers")  # imported anew by the app, as in a fresh process
-    monkeypatch.delattr(sys.modules["demo"], "handlers")
+    for name in ("handlers", "everything"):  # imported anew by the app, as in a fresh process
+        monkeypatch.delitem(sys.modules, f"demo.{name}")
+        monkeypatch.delattr(sys.modules["demo"], name)
     load_app()
-    assert wrapped == ["run_describe"]
+    assert wrapped == ["run_describe", "run_describe_all"]
 
 
 def test_the_bundled_model_is_named_as_such(monkeypatch, checkpoint):

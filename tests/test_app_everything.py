@@ -66,3 +66,13 @@ def test_the_app_builds_with_sam_and_without_a_proposer(loaded, tiny_sam):
     assert {"describe", "plan_views", "describe_all"} <= names
     with pytest.raises(gr.Error, match="could not load the proposer"):
         everything.api_describe_all(loaded, missing, str(tiny_sam / "config.json"))  # refused before reading
+
+
+def test_the_box_rounding_can_be_overridden_per_call(loaded, photo):
+    default = handlers.api_describe(loaded, str(photo), "[[13, 17, 41, 60]]")["regions"][0]
+    assert default["box_rounding"] == loaded.model.config.box_rounding == "exact"
+    forced = handlers.api_describe(loaded, str(photo), "[[13, 17, 41, 60]]", box_rounding="reference")["regions"][0]
+    assert forced["box_rounding"] == "reference"
+    assert handlers.view_options(3, "phash", "", "dct", 1.0, 0, handlers.MODEL_ROUNDING).box_rounding is None
+    with pytest.raises(gr.Error, match="box_rounding='round'"):
+        handlers.view_options(3, "phash", "", "dct", 1.0, 0, "round")
