@@ -29,6 +29,7 @@ from PIL import Image
 
 from .modeling.language import control_string
 from .views import ViewOptions, ViewPlan, load_image, prepare
+from .vocab import class_prompt
 
 
 @dataclass
@@ -156,7 +157,7 @@ def describe_views(model, pixel_values: torch.Tensor, boxes: torch.Tensor, *, ph
         with torch.inference_mode(), model.autocast():
             phrase_embeds = model.text_encoder.encode(phrases).to(model.device) if phrases else None
             class_embeds = model.class_embeds if classes is None else (
-                model.text_encoder.encode([f"the {c.lower()}" for c in class_names]).to(model.device))
+                model.text_encoder.encode([class_prompt(c) for c in class_names]).to(model.device))
             clock.lap("heads")
             tags, control = [], []
             for start in range(0, pixel_values.shape[0], batch_size):

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..views import ViewOptions, box_in_view, load_image, prepare
+from ..vocab import class_prompt
 from .annotations import Region, RegionAnnotations
 
 OBJECT_INSIDE = 0.8  # share of another object's box inside a context view for the object probe to use it
@@ -30,11 +31,6 @@ def tag_target(tags: Sequence[str], vocabulary: dict[str, int]) -> torch.Tensor:
         if i is not None:
             y[i] = 1.0
     return y
-
-
-def class_prompt(category: str) -> str:
-    """The recognition prompt of a category, as `Vocabulary.class_prompts` writes it: "the {category}"."""
-    return f"the {category.lower()}"
 
 
 @dataclass

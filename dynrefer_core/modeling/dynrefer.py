@@ -19,7 +19,7 @@ from torch import nn
 from .. import runtime
 from ..checkpoint import PretrainedMixin
 from ..config import DynReferConfig
-from ..vocab import Vocabulary
+from ..vocab import Vocabulary, class_prompt
 from .alignment import AlignmentModule
 from .fusion import ViewFusion
 from .heads import RegionTextDecoder, TagDecoder
@@ -217,7 +217,7 @@ class DynRefer(PretrainedMixin, nn.Module):
         """(N, C) raw s against "the {class}" prompts (default: `vocabulary.classes`); argmax = category."""
         if class_names is None:
             return self.rtc_decoder(z, self.class_embeds).float()
-        return self.text_scores(z, [f"the {name.lower()}" for name in class_names])
+        return self.text_scores(z, [class_prompt(name) for name in class_names])
 
     def attribute_scores(self, z: torch.Tensor) -> torch.Tensor:
         """(N, A) attribute scores as in the release's OVAD evaluation: max over each attribute's

@@ -75,6 +75,11 @@ def _check_names(kind: str, names: list[str]) -> list[str]:
     return names
 
 
+def class_prompt(name: str) -> str:
+    """The recognition prompt of a class name (spec 4.0): "the {name}", lower-cased."""
+    return f"the {name.lower()}"
+
+
 def read_attributes(path: str | Path) -> list[Attribute]:
     """Attributes from OVAD's `ovad2000.json` (the release's `model_configs/ovad2000.json`: an "attributes"
     list of {"id", "name": "<type>:<syn1>/<syn2>", "is_has_att": "is" | "has"}, taken in id order) or from a
@@ -151,7 +156,7 @@ class Vocabulary:
 
     # Texts the frozen text encoder embeds (spec 4.0).
     def class_prompts(self) -> list[str]:
-        return [f"the {c.lower()}" for c in self.classes]
+        return [class_prompt(c) for c in self.classes]
 
     def attribute_prompts(self) -> tuple[list[str], list[int]]:
         """All attribute prompts, and the group size of each attribute (max is taken per group)."""
