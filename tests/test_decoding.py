@@ -33,18 +33,21 @@ SETTINGS = {
 
 
 def reference(t5, inputs, mask, setting: dict):
-    out = t5.generate(inputs_embeds=inputs, attention_mask=mask, do_sample=False, num_return_sequences=1,
-                      output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=1,
-                      decoder_start_token_id=0, **setting)
-    return out.sequences, out.sequences_scores
+    return t5.generate(inputs_embeds=inputs, attention_mask=mask, do_sample=False, num_return_sequences=1,
+                       output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=1,
+                       decoder_start_token_id=0, **setting)
 
 
-def assert_same(t5, inputs, mask, setting: dict, **kwargs):
-    want, want_scores = reference(t5, inputs, mask, setting)
-    got, scores = beam_search(t5, inputs, mask, BeamSettings.resolve(setting), **kwargs)
-    assert torch.equal(got, want), f"{setting}: sequences differ"
-    torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)
-    return want
+def assert_same(t5, inputs, mask, setting: dict, cache: dict | None = None, **kwargs):
+    """Fast == generate: sequences, sequences_scores, and the number of steps (generate stops early too)."""
+    want = reference(t5, inputs, mask, setting)
+    cache = {} if cache is None else cache
+    got, scores = beam_search(t5, inputs, mask, BeamSettings.resolve(setting), cache=cache, **kwargs)
+    assert torch.equal(got, want.sequences), f"{setting}: sequences differ"
+    torch.testing.assert_close(scores, want.sequences_scores, rtol=1e-5, atol=1e-5)
+    (search,) = cache.values()
+    assert int(search.cur_len) - 1 == len(want.scores), "not the same number of steps"
+    return want.sequences
 
 
 @pytest.fixture(scope="module")
