@@ -3,6 +3,13 @@
     python bench/bench_model.py --preset tiny                              # CPU, random tiny model
     python bench/bench_model.py --preset official --random-weights         # GPU, bf16, ~4.1 B params
     python bench/bench_model.py --analytic                                 # parameter count / memory only
+    python bench/bench_model.py --checkpoint checkpoints/mini --device cpu --decoders-only  # fast vs hf captions
+
+Decoders: the caption stage is also timed with both decoders ("hf" = transformers' generate, "fast" = our
+static-cache beam search) on the same region tokens z and controls, interleaved run by run so that a loaded
+machine slows both alike; the captions are asserted equal in fp32 (in bf16 the table gives the share that
+agrees). A trained checkpoint (`--checkpoint`) decodes its real
+captions (natural lengths) on assets/scenes; random presets force `max_new_tokens` steps.
 
 The official preset is built from its config with random weights (nothing is downloaded): timing does not
 depend on the weight values, except through caption length, so decoding is forced to exactly
@@ -95,6 +102,60 @@ def build(preset: str, device: torch.device) -> DynRefer:
     return model.place(device).eval()
 
 
+def compare_decoders(model: DynRefer, image, n: int, repeats: int, batch_size: int, force_length: bool) -> dict:
+    """Caption stage (generate_captions on fixed z and controls) with decoder "hf" and "fast", interleaved;
+    median ms per call of `n` regions (chunks of `batch_size`), and the captions asserted equal."""
+    from PIL import Image
+
+    from dynrefer_core.describe import describe_views
+    from dynrefer_core.views import ViewOptions, load_image, prepare
+
+    image = load_image(image)
+    width, height = image.size if isinstance(image, Image.Image) else Image.open(image).size
+    rendered = prepare(image, boxes_for(n, width, height), ViewOptions().resolve(model.config), model.config.image_size)
+    with torch.inference_mode(), model.autocast():
+        z = model.encode_regions(rendered.pixel_values.to(model.device), rendered.boxes.to(model.device))
+    controls = describe_views(model, rendered.pixel_values, rendered.boxes, captions=False).controls
+    extra = {"min_new_tokens": model.config.language.max_new_tokens} if force_length else {}
+
+    def captions(decoder: str) -> tuple[list[str], float]:
+        t0 = time.perf_counter()
+        texts = []
+        with torch.inference_mode(), model.autocast():
+            for start in range(0, n, batch_size):
+                texts += model.generate_captions(z[start:start + batch_size], controls[start:start + batch_size],
+                                                 decoder=decoder, **extra)[0]
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return texts, (time.perf_counter() - t0) * 1000
+
+    times: dict[str, list[float]] = {"hf": [], "fast": []}
+    texts = {d: captions(d)[0] for d in times}  # warm-up (and, on CUDA, graph capture)
+    agree = sum(a == b for a, b in zip(texts["hf"], texts["fast"])) / n
+    if agree < 1 and model.compute_dtype == torch.float32:  # bf16: different kernels may flip near-ties
+        raise AssertionError(f"decoders disagree in fp32: {texts['hf'][:3]} vs {texts['fast'][:3]}")
+    for _ in range(repeats):
+        for decoder in times:
+            got, ms = captions(decoder)
+            assert got == texts[decoder], f"{decoder} changed its captions between runs"
+            times[decoder].append(ms)
+    hf, fast = statistics.median(times["hf"]), statistics.median(times["fast"])
+    return {"n": n, "hf_ms": hf, "fast_ms": fast, "example": texts["fast"][0], "agree": agree,
+            "ratios": sorted(h / f for h, f in zip(times["hf"], times["fast"]))}
+
+
+def decoder_table(model: DynRefer, image, sizes: list[int], repeats: int, batch_size: int, force_length: bool) -> None:
+    print("\n## Caption stage, decoder \"hf\" (generate) vs \"fast\" (static-cache beam search)\n")
+    print("| regions | hf ms / region | fast ms / region | hf regions / s | fast regions / s | speed-up (median) |"
+          " speed-up per run (min..max) | same captions | example caption |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for n in sizes:
+        r = compare_decoders(model, image, n, repeats, batch_size, force_length)
+        print(f"| {n} | {r['hf_ms'] / n:.2f} | {r['fast_ms'] / n:.2f} | {1000 * n / r['hf_ms']:.1f} | "
+              f"{1000 * n / r['fast_ms']:.1f} | {r['hf_ms'] / r['fast_ms']:.2f}x | "
+              f"{r['ratios'][0]:.2f}..{r['ratios'][-1]:.2f} | {r['agree']:.0%} | {r['example']} |")
+
+
 def measure(model: DynRefer, image, n: int, repeats: int, batch_size: int) -> dict:
     from PIL import Image
 
@@ -127,6 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="regions per forward pass")
     parser.add_argument("--analytic", action="store_true", help="only print the official preset's sizes")
+    parser.add_argument("--checkpoint", default=None, help="a trained model (checkpoints/mini) instead of a preset")
+    parser.add_argument("--decoders-only", action="store_true", help="only the fast-vs-hf caption comparison")
     args = parser.parse_args(argv)
 
     print("## Official preset (FlanT5-XL), computed on the meta device\n")
@@ -143,11 +206,22 @@ def main(argv=None) -> int:
             print("error: the official preset (~4.1 B parameters, 16 GB to build in fp32) is benchmarked on a GPU "
                   "only; on CPU use --preset tiny", file=sys.stderr)
             return 2
-    model = build(args.preset, device)
+    if args.checkpoint:
+        model = DynRefer.from_pretrained(args.checkpoint, device=device).eval()
+        examples = Path(__file__).resolve().parents[1] / "assets"
+        image = examples / "scenes" / "s2026_000000.jpg"
+    else:
+        model, image = build(args.preset, device), photo()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.decoders_only:
+        print(f"\n{args.checkpoint or args.preset} on {device}, {torch.get_num_threads()} torch threads")
+        decoder_table(model, image, sizes, args.repeats, args.batch_size, force_length=not args.checkpoint)
+        return 0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, " \
         f"{torch.get_num_threads()} torch threads)"
     c = model.config
-    print(f"\n## describe() — preset {args.preset}, {name}, {str(model.compute_dtype).replace('torch.', '')}, "
+    label = args.checkpoint or f"preset {args.preset}"
+    print(f"\n## describe() — {label}, {name}, {str(model.compute_dtype).replace('torch.', '')}, "
           f"{c.n_views} views of {c.image_size}px, {c.language.num_beams} beams x {c.language.max_new_tokens} "
           f"tokens, {len(model.vocabulary.tags)} tags\n")
     print("| regions | total ms | ms / region | regions / s | views ms | vision ms | heads ms | caption ms |"
@@ -156,8 +230,7 @@ def main(argv=None) -> int:
     vit_flop = 2 * count(model.vision) * (c.grid_size**2 + 1) * c.n_views
     decoder_bytes = sum(p.numel() * p.element_size() for n, p in model.language.t5.named_parameters()
                         if not n.startswith("encoder."))
-    image = photo()
-    for n in [int(s) for s in args.sizes.split(",")]:
+    for n in sizes:
         r = measure(model, image, n, args.repeats, args.batch_size)
         s = r["stages"]
         chunks = -(-n // args.batch_size)
@@ -169,6 +242,7 @@ def main(argv=None) -> int:
     print(f"\nFloors: ViT {vit_flop / 1e12:.3g} TFLOP per region; the T5 decoder reads "
           f"{decoder_bytes / 1e9:.3g} GB of weights per decoding step (per batch of up to {args.batch_size} regions, "
           "times the beams' KV traffic).")
+    decoder_table(model, image, sizes, args.repeats, args.batch_size, force_length=not args.checkpoint)
     return 0
 
 

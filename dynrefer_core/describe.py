@@ -135,13 +135,14 @@ def check_tag_threshold(model, tag_threshold: float | None) -> float:
 def describe_views(model, pixel_values: torch.Tensor, boxes: torch.Tensor, *, phrases: Sequence[str] = (),
                    controls: Sequence[str] = (), tag_threshold: float | None = None,
                    classes: Sequence[str] | None = None, attributes: bool = False, captions: bool = True,
-                   batch_size: int = 32, **generation) -> RegionOutputs:
+                   batch_size: int = 32, decoder: str = "fast", **generation) -> RegionOutputs:
     """The model-side step for N regions: views (N, n, 3, S, S) and per-view boxes (N, n, 4) (`prepare`).
 
     `phrases`: free texts scored against every region. `controls`: words put before the predicted tags in
     every caption control. `classes`: the names to recognise (default: the vocabulary's, whose prompts are
     embedded already). `attributes`: also score the vocabulary's attributes. `captions=False` skips D_llm.
-    `generation`: overrides of the beam-search settings (num_beams, max_new_tokens, ...).
+    `generation`: overrides of the beam-search settings (num_beams, max_new_tokens, ...). `decoder`: "fast"
+    (our static-cache beam search, CUDA graphs on CUDA) or "hf" (transformers' `generate`); same captions.
     """
     threshold = check_tag_threshold(model, tag_threshold)
     if batch_size < 1:
@@ -177,7 +178,7 @@ def describe_views(model, pixel_values: torch.Tensor, boxes: torch.Tensor, *, ph
                 control += chunk_control
                 clock.lap("heads")
                 if captions:
-                    texts, scores = model.generate_captions(z, chunk_control, **generation)
+                    texts, scores = model.generate_captions(z, chunk_control, decoder=decoder, **generation)
                     parts["captions"] += texts
                     parts["scores"] += [float(s) for s in scores]
                     clock.lap("caption")
@@ -196,7 +197,7 @@ def describe_views(model, pixel_values: torch.Tensor, boxes: torch.Tensor, *, ph
 
 def describe(model, image, boxes: Sequence[Sequence[float]], phrases: Sequence[str] = (), *,
              views: ViewOptions | None = None, tag_threshold: float | None = None, controls: Sequence[str] = (),
-             top_classes: int = 5, batch_size: int = 32, **generation) -> list[RegionResult]:
+             top_classes: int = 5, batch_size: int = 32, decoder: str = "fast", **generation) -> list[RegionResult]:
     """Describe each box (x1, y1, x2, y2, image pixels) of `image` (path, bytes, PIL or array).
 
     `views`: how the views are chosen and rendered (default: pHASH, the model's n and box rounding).
@@ -213,7 +214,7 @@ def describe(model, image, boxes: Sequence[Sequence[float]], phrases: Sequence[s
     rendered = prepare(load_image(image), boxes, views, config.image_size)
     views_ms = (time.perf_counter() - start) * 1000.0
     out = describe_views(model, rendered.pixel_values, rendered.boxes, phrases=phrases, controls=controls,
-                         tag_threshold=tag_threshold, batch_size=batch_size, **generation)
+                         tag_threshold=tag_threshold, batch_size=batch_size, decoder=decoder, **generation)
     timings = {"views": views_ms, **{k: v for k, v in out.timings.items() if k != "views"}}
     timings["total"] = sum(timings.values())
     return region_results(rendered.plans, out, phrases, box_rounding=rendered.box_rounding, top_classes=top_classes,

@@ -227,10 +227,12 @@ class DynRefer(PretrainedMixin, nn.Module):
         probs = torch.sigmoid(self.rtc_decoder(z, self.attribute_embeds).float())
         return torch.stack([g.max(dim=1).values for g in probs.split(self.attribute_groups, dim=1)], dim=1)
 
-    def generate_captions(self, z: torch.Tensor, controls: Sequence[str], **generation
+    def generate_captions(self, z: torch.Tensor, controls: Sequence[str], decoder: str = "fast", **generation
                           ) -> tuple[list[str], torch.Tensor]:
-        """Captions and scores exp(sequences_scores) for control strings like "man,shirt|"."""
-        return self.language.generate(z, controls, self.tokenizer, **generation)
+        """Captions and scores exp(sequences_scores) for control strings like "man,shirt|".
+
+        decoder: "fast" (our static-cache beam search) or "hf" (transformers' `generate`): same captions."""
+        return self.language.generate(z, controls, self.tokenizer, decoder=decoder, **generation)
 
     # ------------------------------------------------------------------ training
     def sample_controls(self, tag_targets: torch.Tensor, captions: Sequence[str],

@@ -7,6 +7,9 @@ padding and </s> included, as in the release. There is no instruction prompt.
 
 The T5 feed-forward uses exact (erf) GELU, like LAVIS's T5 (HF's FlanT5 config says tanh "gelu_new").
 Caption score = exp(sequences_scores), which with length_penalty 0 is the beam's sequence probability.
+Two decoders give the same captions and scores: "fast" (default), our static-cache beam search
+(`decoding.py`, CUDA graphs on CUDA), and "hf", transformers' `generate`. Settings the fast decoder does not
+implement (greedy num_beams=1, sampling, several return sequences, ...) go to "hf" silently.
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ from transformers.activations import GELUActivation
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
 
 from ..config import DynReferConfig
+from .decoding import BeamSettings, beam_search
 from .tokenization import clean_decoded
+
+DECODERS = ("fast", "hf")
 
 
 def t5_config(config: DynReferConfig, tokenizer=None) -> T5Config:
@@ -99,6 +105,11 @@ class LanguageDecoder(nn.Module):
                 module.act = GELUActivation()
         self.proj = nn.Linear(config.qformer_hidden, config.lm_hidden)  # release: t5_proj
         self.control_memory = nn.Parameter(torch.zeros(config.lm_hidden))  # release: cem_memory
+        self._searches: dict = {}  # static beam searches (and their CUDA graphs) by shape, for decoder="fast"
+
+    def _apply(self, fn, *args, **kwargs):
+        self._searches = {}  # .to()/.half() make new weight tensors: captured graphs would read the old ones
+        return super()._apply(fn, *args, **kwargs)
 
     def _tie_embeddings(self, tie_lm_head: bool) -> None:
         """Tie encoder/decoder token embeddings to `shared`, and `lm_head` only if asked.
@@ -142,22 +153,35 @@ class LanguageDecoder(nn.Module):
         return out.loss
 
     @torch.no_grad()
-    def generate(self, z: torch.Tensor, controls: Sequence[str], tokenizer, **overrides
+    def generate(self, z: torch.Tensor, controls: Sequence[str], tokenizer, decoder: str = "fast", **overrides
                  ) -> tuple[list[str], torch.Tensor]:
-        """Beam search; returns captions and their scores exp(sequences_scores)."""
+        """Beam search; returns captions and their scores exp(sequences_scores).
+
+        decoder: "fast" (static-cache beam search, `decoding.py`) or "hf" (`generate`); both take the same
+        overrides (num_beams, max_new_tokens, min_length, min_new_tokens, length_penalty, repetition_penalty,
+        ...), and "fast" hands the ones it does not implement to "hf".
+        """
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder={decoder!r}, expected one of {DECODERS}")
         s = self.settings
         kwargs = dict(do_sample=False, num_beams=s.num_beams, max_new_tokens=s.max_new_tokens,
                       min_length=s.min_length, length_penalty=s.length_penalty,
                       repetition_penalty=s.repetition_penalty, num_return_sequences=1)
         kwargs.update(overrides)
         inputs, mask = self.encoder_inputs(z, controls, tokenizer)
-        out = self.t5.generate(inputs_embeds=inputs, attention_mask=mask, output_scores=True,
-                               return_dict_in_generate=True, pad_token_id=0, eos_token_id=1,
-                               decoder_start_token_id=0, **kwargs)
-        if kwargs["num_beams"] > 1:
-            log_prob = out.sequences_scores
-        else:  # greedy: sum of the chosen tokens' log-probabilities
-            steps = self.t5.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-            log_prob = steps.masked_fill(~torch.isfinite(steps), 0).sum(-1)
-        texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        fast = BeamSettings.resolve(kwargs) if decoder == "fast" else None
+        if fast is not None:
+            enc_len = z.shape[1] + s.max_txt_len  # the longest encoder input: one CUDA graph per batch bucket
+            sequences, log_prob = beam_search(self.t5, inputs, mask, fast, cache=self._searches, enc_len=enc_len)
+        else:
+            out = self.t5.generate(inputs_embeds=inputs, attention_mask=mask, output_scores=True,
+                                   return_dict_in_generate=True, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0, **kwargs)
+            sequences = out.sequences
+            if kwargs["num_beams"] > 1:
+                log_prob = out.sequences_scores
+            else:  # greedy: sum of the chosen tokens' log-probabilities
+                steps = self.t5.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+                log_prob = steps.masked_fill(~torch.isfinite(steps), 0).sum(-1)
+        texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
         return [clean_decoded(t) for t in texts], log_prob.float().exp()
