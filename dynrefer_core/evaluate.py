@@ -106,7 +106,8 @@ def _split_caption(caption: str) -> tuple[str, str | None, str]:
 
 def evaluate_model(model, annotations: RegionAnnotations, *, views: ViewOptions | None = None,
                    tag_threshold: float | None = None, meteor: bool = True, caption_metrics: bool | None = None,
-                   max_regions: int | None = None, batch_regions: int = 64, progress: bool = True) -> EvalResult:
+                   max_regions: int | None = None, batch_regions: int = 64, progress: bool = True,
+                   decoder: str = "fast") -> EvalResult:
     """Run every head of `model` on the regions of `annotations` (`describe_views`) and score them."""
     start = time.perf_counter()
     views = (views or ViewOptions()).resolve(model.config)
@@ -128,7 +129,7 @@ def evaluate_model(model, annotations: RegionAnnotations, *, views: ViewOptions 
         batch = pad_views(batch, model.config.n_views)
         out = describe_views(model, batch.pixel_values, batch.boxes, tag_threshold=thr,
                              classes=None if classes == vocab.classes else classes, attributes=attr_index is not None,
-                             batch_size=batch_regions)
+                             batch_size=batch_regions, decoder=decoder)
         for i, r in enumerate(batch.regions):
             p = {"id": r.id, "image_id": r.image_id, "box": list(r.box), "views": batch.selected_ts[i],
                  "caption": out.captions[i], "caption_score": out.caption_scores[i], "reference": r.caption,
@@ -147,7 +148,7 @@ def evaluate_model(model, annotations: RegionAnnotations, *, views: ViewOptions 
     attributes = (np.concatenate(attr_scores), np.array(attr_labels)) if attr_scores else None
     res = score_predictions(preds, vocab.tags, thr, attributes=attributes, meteor=meteor,
                             caption_metrics=caption_metrics)
-    res.settings = {"n_views": views.n_views, "strategy": views.strategy, "ts": list(views.ts) if views.ts else None,
+    res.settings = {"decoder": decoder, "n_views": views.n_views, "strategy": views.strategy, "ts": list(views.ts) if views.ts else None,
                     "alpha": views.alpha, "hash_name": views.hash_name, "seed": views.seed,
                     "box_rounding": views.box_rounding}
     res.seconds = time.perf_counter() - start
@@ -334,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proposals", help="--densecap proposals: boxes from a file (GRiT format or {file_name: [[x1, y1, "
                                         "x2, y2, score], ...]})")
     ap.add_argument("--max-proposals", type=int, default=30, help="--densecap proposals: boxes per image")
+    ap.add_argument("--decoder", choices=["fast", "hf"], default="fast",
+                    help="caption decoding: our static-cache beam search, or transformers' generate (the same captions)")
     args = ap.parse_args(argv)
     from .modeling.dynrefer import DynRefer
 
@@ -350,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     res = evaluate_model(model, ann, views=views, tag_threshold=args.tag_threshold, meteor=not args.no_meteor,
                          caption_metrics=False if args.no_caption_metrics else None, max_regions=args.max_regions,
-                         batch_regions=args.batch_regions)
+                         batch_regions=args.batch_regions, decoder=args.decoder)
     res.settings.update({"checkpoint": str(args.checkpoint), "annotations": str(args.annotations),
                          "split": args.split})
     if args.densecap:

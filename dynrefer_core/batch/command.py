@@ -28,6 +28,8 @@ def build_parser(prog: str = "dynrefer describe") -> argparse.ArgumentParser:
     ap.add_argument("--tag-threshold", type=float, default=None)
     ap.add_argument("--controls", default="", help="comma-separated words put before every caption control")
     ap.add_argument("--batch-regions", type=int, default=32, help="regions per model batch (across images)")
+    ap.add_argument("--decoder", choices=["fast", "hf"], default="fast",
+                    help="caption decoding: our static-cache beam search, or transformers' generate (the same captions)")
     ap.add_argument("--workers", type=int, default=2, help="threads decoding images and rendering views")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: runtime's choice)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -44,7 +46,7 @@ def _settings(args, ap) -> DescribeSettings:
         ap.error("--batch-regions must be >= 1")
     views = view_options(args, ap)
     controls = tuple(c.strip() for c in args.controls.split(",") if c.strip())
-    return DescribeSettings(views, args.tag_threshold, controls, args.batch_regions)
+    return DescribeSettings(views, args.tag_threshold, controls, args.batch_regions, {"decoder": args.decoder})
 
 
 def _input_boxes(args, ap) -> list | None:
