@@ -41,8 +41,8 @@ class AutomaticRegionDescriber:
 
     def generate(self, image, phrases: Sequence[str] = (), proposals=None, **options) -> list[RegionResult]:
         """`proposals`: the proposer's answer for this image if the caller has it already."""
+        proposals = self.proposer(image) if proposals is None else proposals  # as given: file proposers need a path
         image = load_image(image)
-        proposals = self.proposer(image) if proposals is None else proposals
         boxes = torch.as_tensor(proposals.boxes, dtype=torch.float32).reshape(-1, 4)
         objectness = torch.as_tensor(proposals.scores, dtype=torch.float32).reshape(-1)
         keep = torch.argsort(objectness, descending=True, stable=True)[:self.max_regions]

@@ -27,7 +27,6 @@ from . import metrics
 from .data.annotations import RegionAnnotations, load_annotations
 from .data.dataset import iter_image_batches
 from .describe import check_tag_threshold, describe_views, threshold_tags
-from .views import load_image
 from .cli import add_view_arguments, view_options
 from .views import ViewOptions
 
@@ -238,7 +237,7 @@ def densecap_on_proposals(model, annotations: RegionAnnotations, proposer, *, vi
     by_image = annotations.by_image()
     for image_id, regions in tqdm(by_image.items(), desc="densecap proposals", unit="image", disable=not progress):
         path = annotations.images[image_id].path
-        proposals = proposer(load_image(path))
+        proposals = proposer(path)
         order = np.argsort(-np.asarray(proposals.scores, float), kind="stable")[:max_proposals]
         boxes = np.asarray(proposals.boxes, float).reshape(-1, 4)[order]
         n_proposals.append(len(boxes))
