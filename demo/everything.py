@@ -45,10 +45,11 @@ def load_proposer(spec: str | None = None) -> LoadedProposer:
 
 
 @gpu
-def run_describe_all(model: Any, proposer: Any, image: PIL.Image.Image, phrases: list[str], max_regions: int,
+def run_describe_all(model: Any, proposer: Any, source: Any, phrases: list[str], max_regions: int,
                      options: ViewOptions) -> list:
-    """The GPU-bound call of 'Describe everything' (module level, so that spaces.GPU can wrap it)."""
-    return model.describe_all(image, proposer, phrases, max_regions=max_regions, views=options)
+    """The GPU-bound call of 'Describe everything' (module level, so that spaces.GPU can wrap it). `source`: the
+    upload as given (a file proposer looks its boxes up by the file's name)."""
+    return model.describe_all(source, proposer, phrases, max_regions=max_regions, views=options)
 
 
 def check_ready(loaded: LoadedModel, proposer: LoadedProposer) -> None:
@@ -58,15 +59,16 @@ def check_ready(loaded: LoadedModel, proposer: LoadedProposer) -> None:
         raise gr.Error(proposer.error)
 
 
-def describe_all_json(loaded: LoadedModel, proposer: LoadedProposer, image: PIL.Image.Image, phrases: list[str],
-                      max_regions: float, options: ViewOptions) -> tuple[dict, list]:
-    """The JSON of /describe_all (the /describe schema plus each region's objectness and confidence)."""
+def describe_all_json(loaded: LoadedModel, proposer: LoadedProposer, source: Any, image: PIL.Image.Image,
+                      phrases: list[str], max_regions: float, options: ViewOptions) -> tuple[dict, list]:
+    """The JSON of /describe_all (the /describe schema plus each region's objectness and confidence); `image`
+    is `source` read (`read_image`), so that an unreadable upload is reported before the model runs."""
     check_ready(loaded, proposer)
     count = int(max_regions) if max_regions is not None else MAX_REGIONS
     if not 1 <= count <= 100:
         raise gr.Error(f"max_regions={max_regions}: ask for 1 to 100 regions.")
     try:
-        results = run_describe_all(loaded.model, proposer.proposer, image, phrases, count, options)
+        results = run_describe_all(loaded.model, proposer.proposer, source, phrases, count, options)
     except ValueError as exc:
         raise gr.Error(str(exc)) from None
     payload = {"model": loaded.to_dict(), "proposer": proposer.source, "image_size": list(image.size),
@@ -81,7 +83,7 @@ def on_describe_all(loaded: LoadedModel, proposer: LoadedProposer, workdir: Path
     check_ready(loaded, proposer)
     src = (value or {}).get("image")
     image = read_image(src)
-    payload, results = describe_all_json(loaded, proposer, image, parse_phrases(phrases), max_regions,
+    payload, results = describe_all_json(loaded, proposer, src, image, parse_phrases(phrases), max_regions,
                                          view_options(*controls))
     regions = payload["regions"]
     cards = [{"index": i + 1, "region": region, "crops": r.crops, "ts": r.plan.selected_ts}
@@ -108,7 +110,7 @@ def api_describe_all(loaded: LoadedModel, proposer: LoadedProposer, image: Any, 
     Returns {"model", "proposer", "image_size", "regions": [RegionResult.to_dict() + objectness, confidence]}.
     """
     check_ready(loaded, proposer)  # before reading the upload
-    return describe_all_json(loaded, proposer, read_image(image), parse_phrases(phrases), max_regions,
+    return describe_all_json(loaded, proposer, image, read_image(image), parse_phrases(phrases), max_regions,
                              ViewOptions())[0]
 
 
