@@ -53,7 +53,7 @@ class ProposerNetConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ProposerNetConfig":
+    def from_dict(cls, data: dict) -> ProposerNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -88,7 +88,7 @@ class Trunk(nn.Module):
         self.fpn = FeaturePyramidNetwork(c[2:], cfg.fpn_channels)
         self.out_channels = cfg.fpn_channels
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         x = self.stem(x)
         feats = OrderedDict()
         for i, stage in enumerate(self.stages):

@@ -19,9 +19,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -180,8 +181,8 @@ def recall_table(raw: list[dict], samples: list[tuple[Path, torch.Tensor]], cfg:
     first = kept_by_thr[thresholds[0]]
     by_size = {}
     for name, lo, hi in (("tiny", 0, SIZE_EDGES[0]), ("small", *SIZE_EDGES), ("large", SIZE_EDGES[1], math.inf)):
-        sel = [b[(lambda s: (s >= lo) & (s < hi))(torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]))]
-               for b in truths]
+        sides = [torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) for b in truths]
+        sel = [b[(s >= lo) & (s < hi)] for b, s in zip(truths, sides)]
         if sum(len(s) for s in sel):
             by_size[name] = box_recall(first, sel, iou=cfg.iou, max_proposals=cfg.max_proposals)
     table[f"recall_by_size_at_{thresholds[0]:g}"] = by_size

@@ -9,8 +9,16 @@ import torch
 from PIL import Image
 
 from dynrefer_core.data.annotations import load_annotations
-from dynrefer_core.proposals import (FileProposals, Proposals, SamProposer, TrainedProposer, box_recall,
-                                     load_proposer, masks_to_proposals, postprocess)
+from dynrefer_core.proposals import (
+    FileProposals,
+    Proposals,
+    SamProposer,
+    TrainedProposer,
+    box_recall,
+    load_proposer,
+    masks_to_proposals,
+    postprocess,
+)
 from dynrefer_core.proposer_train import _augment, choose_threshold, load_proposer_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,8 +158,7 @@ def test_load_proposer_refuses_an_unknown_spec(tmp_path):
 def _tiny_sam(folder: Path) -> None:
     """A random SAM at 128 px input (1 vision layer, 32 channels) with its processor, saved to `folder`."""
     from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
-    from transformers.models.sam.configuration_sam import (SamMaskDecoderConfig, SamPromptEncoderConfig,
-                                                           SamVisionConfig)
+    from transformers.models.sam.configuration_sam import SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
     size = 128
     vision = SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=1, num_attention_heads=2,
@@ -223,7 +230,8 @@ def test_a_few_training_steps_write_a_folder_the_trained_proposer_loads(scenes, 
     assert report["trained"]["steps"] == 3 and report["chosen"]["step"] in (2, 3)
     assert 0.0 <= report["val_recall_at_chosen"] <= 1.0 and report["val"]["images"] == 1
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    losses = [r for r in log if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in losses)
     assert json.loads((out / "eval.json").read_text())["chosen"] == report["chosen"]
     proposer = load_proposer(out, max_proposals=7, score_threshold=0.0)
     assert isinstance(proposer, TrainedProposer)
