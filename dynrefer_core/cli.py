@@ -5,10 +5,11 @@
     dynrefer train --config configs/mini.yaml
     dynrefer generate --seed 0 --num-images 8000 --out data/mini
     dynrefer convert --release refcocog_ft.pth --eva-clip eva_clip_psz14.pt --out checkpoints/dynrefer-refcocog
-    dynrefer demo [--checkpoint DIR] [--port 7861]
+    dynrefer train-proposer --config configs/proposer.yaml
+    dynrefer demo [--checkpoint DIR] [--proposer DIR] [--sam facebook/sam-vit-base] [--port 7861]
 
 Each subcommand is the module it names (`python -m dynrefer_core.batch`, `.evaluate`, `.train`, `.data.generate`,
-`.convert`; the demo is `demo/app.py` of a source checkout) with the same options.
+`.convert`, `.proposer_train`; the demo is `demo/app.py` of a source checkout) with the same options.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ COMMANDS = {
     "train": ("dynrefer_core.train", "train a model from a YAML config"),
     "generate": ("dynrefer_core.data.generate", "write the generated DynRefer-mini benchmark"),
     "convert": ("dynrefer_core.convert", "build a model folder from the released checkpoint"),
+    "train-proposer": ("dynrefer_core.proposer_train", "train the box proposer of 'describe everything'"),
     "demo": (None, "start the Gradio app (from a source checkout)"),
 }
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "app.py"

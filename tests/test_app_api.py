@@ -80,3 +80,21 @@ def test_concurrent_users_are_queued_not_dropped(client, photo):
                           api_name="/describe") for k in range(3)]
     boxes = [job.result(timeout=120)["regions"][0]["box"] for job in jobs]
     assert boxes == [[10.0 * k, 10.0, 10.0 * k + 200, 210.0] for k in range(3)]
+
+
+def test_describe_all_proposes_and_describes_every_region(client, photo):
+    """/describe_all with the bundled proposer (the app's default): every region has a caption, a box inside the
+    image and a confidence, best first."""
+    out = client.predict(image=gradio_client.handle_file(str(photo)), phrases="a blue square", max_regions=5,
+                         api_name="/describe_all")
+    assert out["proposer"] == "checkpoints/proposer" and out["image_size"] == [900, 600]
+    regions = out["regions"]
+    assert 1 <= len(regions) <= 5
+    for r in regions:
+        x1, y1, x2, y2 = r["box"]
+        assert 0 <= x1 < x2 <= 900 and 0 <= y1 < y2 <= 600
+        assert r["caption"].strip() and 0 < r["objectness"] <= 1
+        assert r["confidence"] == pytest.approx(r["caption_score"] * r["objectness"], rel=1e-5)
+        assert [s["phrase"] for s in r["similarity"]] == ["a blue square"]
+    confidences = [r["confidence"] for r in regions]
+    assert confidences == sorted(confidences, reverse=True)

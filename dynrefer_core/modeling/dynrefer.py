@@ -301,8 +301,11 @@ class DynRefer(PretrainedMixin, nn.Module):
 
         return describe(self, image, boxes, phrases, **kwargs)
 
-    def describe_all(self, image, proposer, phrases: Sequence[str] = (), max_regions: int = 30, **kwargs):
-        """Propose boxes with `proposer` and describe them, best first; see `automatic.AutomaticRegionDescriber`."""
+    def describe_all(self, image, proposer, phrases: Sequence[str] = (), max_regions: int = 30, views=None,
+                     **kwargs):
+        """Propose boxes with `proposer` and describe them, best first; see `automatic.AutomaticRegionDescriber`.
+        `views`: ViewOptions as for `describe`; `kwargs`: the other options of `describe`."""
         from ..automatic import AutomaticRegionDescriber
 
-        return AutomaticRegionDescriber(self, proposer, max_regions=max_regions).generate(image, phrases, **kwargs)
+        describer = AutomaticRegionDescriber(self, proposer, max_regions=max_regions, views=views)
+        return describer.generate(image, phrases, **kwargs)
