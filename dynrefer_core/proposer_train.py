@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from .data.annotations import RegionAnnotations, load_annotations
 from .data.generate import generate
 from .proposals import box_recall, postprocess
 from .proposer_net import ProposerNetConfig, build_net, image_tensor
-from .train_config import GenerateConfig, _check_types, _known_keys, _typed, _unknown_keys
+from .train_config import GenerateConfig, _check_types, load_typed_config
 from .views.imageio import load_image
 
 SIZE_EDGES = (24.0, 52.0)  # box side (max of w, h) below which an object counts as tiny, then small
@@ -102,20 +101,7 @@ class ProposerTrainConfig:
 
 def load_proposer_config(path: str | Path | None, sets: Sequence[str] = ()) -> ProposerTrainConfig:
     """The YAML file (None: defaults), then `--set a.b=value` overrides parsed as YAML; unknown keys refused."""
-    data = (yaml.safe_load(Path(path).read_text()) if path else None) or {}
-    for item in sets:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r} must look like section.key=value")
-        key, value = item.split("=", 1)
-        node = data
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = yaml.safe_load(value)
-    unknown = _unknown_keys(ProposerTrainConfig, data, "")
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known: {', '.join(_known_keys(ProposerTrainConfig, ''))}")
-    return _typed(data, ProposerTrainConfig, "")
+    return load_typed_config(ProposerTrainConfig, path, sets)
 
 
 # ------------------------------------------------------------------------------------------------- data

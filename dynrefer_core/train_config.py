@@ -115,10 +115,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """The config from nested dicts (a YAML file's content); missing keys keep their defaults."""
-        unknown = _unknown_keys(cls, data, "")
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known: {', '.join(_known_keys(cls, ''))}")
-        return _typed(data, cls, "")
+        return typed_config(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested dicts in field order: what `train_config.yaml` and the trainer state hold."""
@@ -127,6 +124,12 @@ class TrainConfig:
 
 def load_config(path: str | Path | None, sets: typing.Sequence[str] = ()) -> TrainConfig:
     """The YAML file (None: all defaults), then `--set a.b=value` overrides, each value parsed as YAML."""
+    return load_typed_config(TrainConfig, path, sets)
+
+
+def load_typed_config(cls: type, path: str | Path | None, sets: typing.Sequence[str] = ()):
+    """A config dataclass `cls` from a YAML file (None: all defaults) and `--set a.b=value` overrides (each
+    value parsed as YAML); unknown keys and values of the wrong type are refused, naming them."""
     data = (yaml.safe_load(Path(path).read_text()) if path else None) or {}
     for item in sets:
         if "=" not in item:
@@ -139,7 +142,15 @@ def load_config(path: str | Path | None, sets: typing.Sequence[str] = ()) -> Tra
                 node[name] = {}
             node = node[name]
         node[leaf] = yaml.safe_load(value)
-    return TrainConfig.from_dict(data)
+    return typed_config(cls, data)
+
+
+def typed_config(cls: type, data: dict[str, Any]):
+    """`cls` (a config dataclass) from nested dicts; unknown keys and values of the wrong type are refused."""
+    unknown = _unknown_keys(cls, data, "")
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known: {', '.join(_known_keys(cls, ''))}")
+    return _typed(data, cls, "")
 
 
 # ------------------------------------------------------------------------------------------ checks
