@@ -54,7 +54,8 @@ def prepare_image(task: ImageTask, pending: Sequence[int], views: ViewOptions, s
             keep.append(k)
         except (TypeError, ValueError) as err:
             errors[k] = str(err)
-    rendered = prepare(image, [task.boxes[k] for k in keep], views, size) if keep else None
+    # One thread per image: the engine already prepares several images at once.
+    rendered = prepare(image, [task.boxes[k] for k in keep], views, size, workers=1) if keep else None
     return PreparedImage(task, keep, rendered, errors)
 
 
