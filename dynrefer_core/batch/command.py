@@ -88,15 +88,19 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(f"{out} exists: pass --resume to continue it, or choose another --out")
         if part_paths(out) and not args.resume:
             raise FileExistsError(f"{out}.part-* exist from a killed torchrun run: pass --resume, or delete them")
-        if next(read_tasks(args.input, boxes), None) is None:  # also fails early on a bad --input
+        images = total = 0  # one pass over the input: fails early on a bad --input, sizes the progress bar
+        for t in tasks():
+            images += 1
+            total += len(t.region_ids) if t.index % rank.world == rank.rank else 0
+        if not images:
             raise ValueError(f"{args.input} has no images to describe")
         if rank.rank == 0 and args.resume:
             repair_tail(out)
             merge_parts(out)
         rank.barrier()
         done = {region_key(r["region_id"]) for r in read_records(out)} if args.resume else set()
-        total = sum(len(t.region_ids) for t in tasks() if t.index % rank.world == rank.rank) - (
-            len(done) if rank.world == 1 else 0)
+        if rank.world == 1:
+            total -= len(done)
         if args.engine == "ray":
             writer = JsonlWriter(out)
             from .ray_engine import run_ray  # Ray is an optional extra
