@@ -37,8 +37,8 @@ from demo import everything  # noqa: E402
 from demo.figures import similarity_plot  # noqa: E402
 
 ASSETS = ROOT / "assets"
-STRATEGIES = [("pHASH (the method)", "phash"), ("fixed t (task prior)", "fixed"),
-              ("random (training sampler)", "random")]
+STRATEGIES = [("pHASH (the method, image prior)", "phash"), ("fixed t", "fixed"),
+              ("random (training sampler)", "random")]  # then the loaded model's task priors, if it has any
 HASHES = [("DCT 8x8 (the method's pHASH)", "dct"), ("imagehash phash", "phash"), ("imagehash dhash", "dhash"),
           ("imagehash whash", "whash"), ("imagehash average_hash", "average_hash")]
 CSS = """
@@ -117,6 +117,8 @@ def build_app(loaded: handlers.LoadedModel, proposer: everything.LoadedProposer 
     workdir = Path(downloads.name)
     scenes, photos = _load_examples()
     model_n = loaded.model.config.n_views if loaded.model is not None else 3
+    config = loaded.config
+    study = loaded.view_study()
     with gr.Blocks(title="DynRefer demo", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# DynRefer: region captions, tags and phrase similarity from dynamically chosen views\n"
                     "Draw one or more boxes. DynRefer looks at each region through **nested views** between the box "
@@ -160,7 +162,10 @@ def build_app(loaded: handlers.LoadedModel, proposer: everything.LoadedProposer 
                 with gr.Accordion("View selection", open=True):
                     n_views = gr.Slider(1, 6, value=model_n, step=1, label=f"Views per region n: t=0 plus n-1 chosen "
                                         f"(this model fuses n = {model_n}; other values only preview)")
-                    strategy = gr.Radio(STRATEGIES, value="phash", label="Strategy")
+                    priors = handlers.task_prior_choices(config)
+                    strategy = gr.Radio(STRATEGIES + priors, value="phash", label="Strategy", elem_id="strategy",
+                                        info=("task priors: the views this model's view study measured best for "
+                                              "each task (docs/view-study.md)") if priors else None)
                     ts_text = gr.Textbox(label=f"t values for 'fixed t' ({model_n - 1} for this model), then Enter",
                                          placeholder="0.3, 1.0", visible=False)
                     hash_name = gr.Dropdown(HASHES, value="dct", label="Hash function")
@@ -180,6 +185,10 @@ def build_app(loaded: handlers.LoadedModel, proposer: everything.LoadedProposer 
             views_image = gr.Image(label="Nested views b_t on the image (chosen in yellow, the box in red)",
                                    type="pil", interactive=False, height=420, elem_id="views-image")
             plot = gr.Plot(label="Score versus t", elem_id="score-plot")
+        if study is not None:
+            study_plot = gr.Plot(label="View study of this model (from its folder): each task's "
+                                       "metric vs t of view two, 95% intervals; pHASH dashed", elem_id="study-plot",
+                                 value=handlers.on_study(study, None, None))
         gr.Markdown("Each tile: t, score, Hamming distance of its 64-bit hash h_t to the box's own hash h_0, and h_t "
                     "in hex. Framed in yellow: the views the model uses.")
         gallery = gr.Gallery(show_label=False, columns=6, height="auto", object_fit="contain", elem_id="candidates")
@@ -207,11 +216,16 @@ def build_app(loaded: handlers.LoadedModel, proposer: everything.LoadedProposer 
 
         # Wiring. The page's own events stay out of the API docs; the documented API is /describe and /plan_views.
         view_outputs = [pick, views_image, gallery, plot, views_note]
-        annotator.change(lambda value, *c: handlers.on_views(value, None, *c), [annotator, *controls], view_outputs,
-                         api_visibility="undocumented", concurrency_limit=4)  # a new or moved box: the newest
-        gr.on([pick.input, n_views.release, strategy.change, ts_text.submit, hash_name.change, alpha.release,
-               seed.submit], handlers.on_views, [annotator, pick, *controls], view_outputs,
-              api_visibility="undocumented", concurrency_limit=4)
+        annotator.change(lambda value, *c: handlers.on_views(value, None, *c, config=config), [annotator, *controls],
+                         view_outputs, api_visibility="undocumented", concurrency_limit=4)  # a new or moved box
+        view_events = [pick.input, n_views.release, strategy.change, ts_text.submit, hash_name.change, alpha.release,
+                       seed.submit]
+        gr.on(view_events, lambda value, pick, *c: handlers.on_views(value, pick, *c, config=config),
+              [annotator, pick, *controls], view_outputs, api_visibility="undocumented", concurrency_limit=4)
+        if study is not None:
+            gr.on([annotator.change, *view_events],
+                  lambda value, pick, *c: handlers.on_study(study, value, pick, *c, config=config),
+                  [annotator, pick, *controls], study_plot, api_visibility="undocumented", concurrency_limit=4)
         strategy.change(lambda s: gr.update(visible=s == "fixed"), strategy, ts_text, api_visibility="undocumented",
                         queue=False)
         describe_btn.click(functools.partial(handlers.on_describe, loaded, workdir), [annotator, phrases, *controls],
@@ -239,11 +253,12 @@ def build_app(loaded: handlers.LoadedModel, proposer: everything.LoadedProposer 
                             gr.Textbox(value="dct", label="hash_name"), gr.Number(value=1.0, label="alpha"),
                             gr.Number(value=0, precision=0, label="seed")]
             api_rounding = gr.Textbox(value="", label="box_rounding")
+            api_task = gr.Textbox(value="", label="task")
             api_max_regions = gr.Number(value=everything.MAX_REGIONS, precision=0, label="max_regions")
             api_out = gr.JSON()
             api_describe_btn, api_plan_btn, api_all_btn = gr.Button(), gr.Button(), gr.Button()
         api_describe_btn.click(functools.partial(handlers.api_describe, loaded),
-                               [api_image, api_boxes, api_phrases, *api_controls, api_rounding], api_out,
+                               [api_image, api_boxes, api_phrases, *api_controls, api_rounding, api_task], api_out,
                                api_name="describe", concurrency_id="model", concurrency_limit=1)
         api_plan_btn.click(handlers.api_plan_views, [api_image, api_boxes, *api_controls], api_out,
                            api_name="plan_views", concurrency_limit=4)

@@ -84,7 +84,7 @@ def on_describe_all(loaded: LoadedModel, proposer: LoadedProposer, workdir: Path
     src = (value or {}).get("image")
     image = read_image(src)
     payload, results = describe_all_json(loaded, proposer, src, image, parse_phrases(phrases), max_regions,
-                                         view_options(*controls))
+                                         view_options(*controls, config=loaded.config))
     regions = payload["regions"]
     cards = [{"index": i + 1, "region": region, "crops": r.crops, "ts": r.plan.selected_ts}
              for i, (region, r) in enumerate(zip(regions, results))]

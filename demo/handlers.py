@@ -32,6 +32,7 @@ from demo.figures import score_plot  # noqa: E402
 from dynrefer_core.config import DynReferConfig  # noqa: E402
 from dynrefer_core.modeling.dynrefer import DynRefer  # noqa: E402
 from dynrefer_core.runtime import choose_device  # noqa: E402
+from dynrefer_core.view_study import load_view_study, sweep_figure  # noqa: E402
 from dynrefer_core.views import (BoxError, ImageLoadError, ViewOptions, ViewPlan, draw_views,  # noqa: E402
                                  load_image, plan_views_batch, view_tiles)
 
@@ -55,6 +56,16 @@ class LoadedModel:
 
     def to_dict(self) -> dict:
         return {"checkpoint": self.source, "device": self.device, "random_weights": self.random_weights}
+
+    @property
+    def config(self) -> Any:
+        """The model's DynReferConfig (None without a model)."""
+        return None if self.model is None else self.model.config
+
+    def view_study(self) -> dict | None:
+        """The view-study sweep the checkpoint folder carries (`view_study.load_view_study`), if any."""
+        folder = DEFAULT_CHECKPOINT if self.bundled else Path(self.source)
+        return load_view_study(folder) if self.model is not None and folder.is_dir() else None
 
     def summary(self) -> str:
         config = self.model.config
@@ -165,18 +176,36 @@ MODEL_ROUNDING = "model's setting"
 
 
 def view_options(n_views: float, strategy: str, ts_text: str | None, hash_name: str, alpha: float,
-                 seed: float | None, box_rounding: str | None = None) -> ViewOptions:
+                 seed: float | None, box_rounding: str | None = None, task: str | None = None,
+                 config: Any = None) -> ViewOptions:
     """The view controls as the ViewOptions of plan_views_batch and DynRefer.describe (`box_rounding`: "exact",
-    "reference", or empty / MODEL_ROUNDING for the loaded model's setting)."""
+    "reference", or empty / MODEL_ROUNDING for the loaded model's setting). A task prior (`strategy` "task"
+    with `task`, or the page's "task:captioning") is resolved with `config`, the loaded model's."""
+    if strategy.startswith("task:"):
+        strategy, task = "task", strategy.split(":", 1)[1]
     ts = parse_ts(ts_text) if strategy == "fixed" else None
     if strategy == "fixed" and not ts:
         raise gr.Error("The 'fixed t' strategy needs t values, e.g. '0.3, 1.0' (0 = the box, 1 = the whole image).")
+    rounding = None if box_rounding in (None, "", MODEL_ROUNDING) else box_rounding
     try:
+        if strategy == "task":
+            if config is None:
+                raise ValueError("task priors come from the loaded model, and no model is loaded")
+            return ViewOptions(strategy="task", task=task or None, hash_name=hash_name, alpha=float(alpha),
+                               box_rounding=rounding).resolve(config)
         return ViewOptions(n_views=len(ts) + 1 if ts else int(n_views), strategy=strategy, ts=ts,
                            hash_name=hash_name, alpha=float(alpha), seed=None if seed is None else int(seed),
-                           box_rounding=None if box_rounding in (None, "", MODEL_ROUNDING) else box_rounding)
+                           box_rounding=rounding)
     except ValueError as exc:
         raise gr.Error(str(exc)) from None
+
+
+def task_prior_choices(config: Any) -> list[tuple[str, str]]:
+    """The Strategy choices of the loaded model's task priors: ("task prior: captioning (t = 0, 0.3)", ...)."""
+    priors = getattr(config, "task_priors", None) or {}
+    return [(f"task prior: {task} (" + ("pHASH: no fixed view measured better" if ts == "phash" else
+                                        f"t = 0, {', '.join(f'{t:g}' for t in ts)}") + ")", f"task:{task}")
+            for task, ts in priors.items()]
 
 
 def read_image(src: Any) -> PIL.Image.Image:
@@ -236,11 +265,12 @@ def region_choices(boxes: list) -> list[tuple[str, int]]:
     return [(f"Box {i + 1}: ({', '.join(f'{v:.0f}' for v in box)})", i) for i, box in enumerate(boxes)]
 
 
-def on_views(value: dict | None, pick: int | None, *controls) -> tuple:
+def on_views(value: dict | None, pick: int | None, *controls, config: Any = None) -> tuple:
     """As soon as a box exists: nested views, candidate gallery and score plot of one box (no model run).
 
     `pick` is the box to inspect (None: the newest). A box being drawn has zero area for a moment, so here a bad
-    box is explained in the note instead of a pop-up; Describe and the API raise gr.Error.
+    box is explained in the note instead of a pop-up; Describe and the API raise gr.Error. `config`: the loaded
+    model's, for its task priors.
     """
     src, boxes = boxes_from_annotation(value)
     if src is None:
@@ -252,13 +282,29 @@ def on_views(value: dict | None, pick: int | None, *controls) -> tuple:
     index = pick if isinstance(pick, int) and 0 <= pick < len(boxes) else len(boxes) - 1
     choices = gr.update(choices=region_choices(boxes), value=index)
     try:
-        view_plan = plan(image, [boxes[index]], view_options(*controls), start=index + 1)[0]
+        view_plan = plan(image, [boxes[index]], view_options(*controls, config=config), start=index + 1)[0]
     except gr.Error as exc:
         return choices, None, [], None, f"⚠️ {exc.message}"
     chosen = ", ".join(f"{t:.1f}" for t in view_plan.selected_ts)
     note = (f"**Box {index + 1} of {len(boxes)}** in a {image.width}x{image.height} image: the model looks at "
             f"t = {chosen} (yellow). Each candidate view grows from the box (t = 0) to the whole image (t = 1).")
     return choices, draw_views(image, view_plan), view_tiles(image, view_plan), score_plot(view_plan), note
+
+
+def on_study(study: dict, value: dict | None, pick: int | None, *controls, config: Any = None):
+    """The model's view study (one panel per task: metric vs t of view two, pHASH dashed), with the views
+    chosen for the inspected box as dotted lines: where they fall on each task's curve."""
+    marks: list[float] = []
+    src, boxes = boxes_from_annotation(value)
+    if src is not None and boxes:
+        index = pick if isinstance(pick, int) and 0 <= pick < len(boxes) else len(boxes) - 1
+        try:
+            marks = plan(read_image(src), [boxes[index]], view_options(*controls, config=config))[0].selected_ts[1:]
+        except gr.Error:
+            marks = []  # on_views explains the problem in its note
+    where = f"{study.get('settings', {}).get('split', '?')} split, {study.get('n_regions', '?')} regions"
+    return sweep_figure(study, marks=marks, title=f"View study of this model ({where}): view two fixed at t; dotted: "
+                                                  "the views chosen for the inspected box")
 
 
 def describe_json(loaded: LoadedModel, image: PIL.Image.Image, boxes: list, phrases: list[str],
@@ -298,7 +344,8 @@ def on_describe(loaded: LoadedModel, workdir: Path, value: dict | None, phrases:
     """'Describe' in the page: region cards (via the cards state), the annotated image, the JSON download."""
     src, boxes = boxes_from_annotation(value)
     image = read_image(src)
-    payload, results = describe_json(loaded, image, boxes, parse_phrases(phrases), view_options(*controls))
+    payload, results = describe_json(loaded, image, boxes, parse_phrases(phrases),
+                                     view_options(*controls, config=loaded.config))
     cards = [{"index": i + 1, "region": region, "crops": results[i].crops, "ts": results[i].plan.selected_ts}
              for i, region in enumerate(payload["regions"])]
     annotations = [(tuple(int(round(v)) for v in box), f"{i}: {region['caption']}")
@@ -312,13 +359,15 @@ def on_describe(loaded: LoadedModel, workdir: Path, value: dict | None, phrases:
 
 def api_describe(loaded: LoadedModel, image: Any, boxes: str, phrases: str = "", n_views: float = 3,
                  strategy: str = "phash", ts: str = "", hash_name: str = "dct", alpha: float = 1.0,
-                 seed: float = 0, box_rounding: str = "") -> dict:
+                 seed: float = 0, box_rounding: str = "", task: str = "") -> dict:
     """Caption, tags and phrase similarity of each box, with the views the model chose.
 
     image: the picture, at full resolution; boxes: a JSON list of [x1, y1, x2, y2] in its pixels; phrases:
-    comma-separated; box_rounding: "exact" or "reference" (default: the model's setting). Returns {"model", "image_size", "regions": [RegionResult.to_dict(), ...]}.
+    comma-separated; strategy: "phash", "fixed" (with ts), "random" or "task" (with task: "captioning",
+    "dense", "attributes" or "recognition", the model's task prior); box_rounding: "exact" or "reference"
+    (default: the model's setting). Returns {"model", "image_size", "regions": [RegionResult.to_dict(), ...]}.
     """
-    options = view_options(n_views, strategy, ts, hash_name, alpha, seed, box_rounding)
+    options = view_options(n_views, strategy, ts, hash_name, alpha, seed, box_rounding, task or None, loaded.config)
     return describe_json(loaded, read_image(image), parse_boxes(boxes), parse_phrases(phrases), options)[0]
 
 

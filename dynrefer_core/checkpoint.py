@@ -208,6 +208,17 @@ def _weights_to_save(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def update_config(folder: str | Path, **fields) -> DynReferConfig:
+    """Change `fields` of a saved model's config.json in place (e.g. the task priors a view study measured),
+    checked as DynReferConfig checks them; the weights are untouched."""
+    path = Path(folder) / "config.json"
+    raw = json.loads(path.read_text())
+    fmt = raw.pop("format", None)
+    config = DynReferConfig.from_dict({**raw, **fields})
+    path.write_text(json.dumps({**config.to_dict(), "format": fmt}, indent=2) + "\n")
+    return config
+
+
 def save_pretrained(model, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

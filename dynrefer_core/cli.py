@@ -33,12 +33,14 @@ DEMO = Path(__file__).resolve().parents[1] / "demo" / "app.py"
 
 def add_view_arguments(ap: argparse.ArgumentParser, seed: int | None = None) -> None:
     """The ViewOptions flags, shared by every command that runs the model on views."""
-    from .views import HASH_NAMES, STRATEGIES
+    from .views import HASH_NAMES, STRATEGIES, TASKS
     from .views.geometry import BOX_ROUNDINGS
 
     ap.add_argument("--n-views", type=int, default=None, help="views per region (default: the model's n)")
     ap.add_argument("--strategy", default="phash", choices=STRATEGIES)
     ap.add_argument("--ts", type=float, nargs="*", default=None, help="the n-1 context ts for --strategy fixed")
+    ap.add_argument("--task", choices=TASKS, default=None,
+                    help="--strategy task: use the model's task prior for this task (docs/view-study.md)")
     ap.add_argument("--alpha", type=float, default=1.0, help="score = Hamming / t^alpha")
     ap.add_argument("--hash-name", default="dct", choices=HASH_NAMES, help="the view hash h_t")
     ap.add_argument("--seed", type=int, default=seed, help="seed of --strategy random")
@@ -51,10 +53,12 @@ def view_options(args: argparse.Namespace, ap: argparse.ArgumentParser):
     from .views import ViewOptions
 
     if args.strategy == "fixed" and not args.ts:
-        ap.error("--strategy fixed needs --ts (n-1 values in (0, 1])")
+        ap.error("--strategy fixed needs --ts (n-1 values in [0, 1])")
+    if (args.strategy == "task") != (args.task is not None):
+        ap.error("--strategy task and --task go together (--task captioning|dense|attributes|recognition)")
     try:
         return ViewOptions(n_views=args.n_views, strategy=args.strategy, ts=args.ts, alpha=args.alpha,
-                           hash_name=args.hash_name, seed=args.seed, box_rounding=args.box_rounding)
+                           hash_name=args.hash_name, seed=args.seed, box_rounding=args.box_rounding, task=args.task)
     except ValueError as err:
         ap.error(str(err))
 

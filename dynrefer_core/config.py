@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .views.geometry import BOX_ROUNDINGS
+from .views.planning import TASKS
 
 
 @dataclass
@@ -122,6 +123,11 @@ class DynReferConfig:
     head_dropout: float = 0.1
     text_embed_dim: int = 1024
     tag_threshold: float = 0.7
+    # Task priors (paper: "task prior" views): per task of `views.TASKS`, the n-1 context ts the view study
+    # measured best for this model on val, or "phash" where no fixed view beat pHASH (`view_study.best_ts`,
+    # docs/view-study.md); {} until one is run. `task_priors_source` says which sweep and metric they rest on.
+    task_priors: dict[str, list[float] | str] = field(default_factory=dict)
+    task_priors_source: str = ""
     # Language decoder (spec 4.3).
     lm_hidden: int = 2048
     freeze_language: bool = True
@@ -157,6 +163,13 @@ class DynReferConfig:
             )
         if self.box_rounding not in BOX_ROUNDINGS:
             raise ValueError(f"box_rounding={self.box_rounding!r}: use one of {BOX_ROUNDINGS}")
+        for task, ts in self.task_priors.items():
+            if task not in TASKS:
+                raise ValueError(f"task_priors: unknown task {task!r}; tasks are {TASKS}")
+            if ts != "phash" and (isinstance(ts, str) or len(ts) != self.n_views - 1
+                                  or not all(0.0 <= t <= 1.0 for t in ts)):
+                raise ValueError(f"task_priors[{task!r}]={ts}: need n_views-1 = {self.n_views - 1} ts in [0, 1], "
+                                 "or 'phash'")
         if self.vision_stem not in ("linear", "conv"):
             raise ValueError(f"vision_stem={self.vision_stem!r}: use 'linear' or 'conv'")
         if self.vision_stem == "conv" and (self.patch_size % 2 or self.vision_width % 2):

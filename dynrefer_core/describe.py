@@ -20,6 +20,7 @@ Python set, whose order changes between processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -196,15 +197,22 @@ def describe_views(model, pixel_values: torch.Tensor, boxes: torch.Tensor, *, ph
 
 
 def describe(model, image, boxes: Sequence[Sequence[float]], phrases: Sequence[str] = (), *,
-             views: ViewOptions | None = None, tag_threshold: float | None = None, controls: Sequence[str] = (),
-             top_classes: int = 5, batch_size: int = 32, decoder: str = "fast", **generation) -> list[RegionResult]:
+             views: ViewOptions | None = None, strategy: str | None = None, task: str | None = None,
+             tag_threshold: float | None = None, controls: Sequence[str] = (), top_classes: int = 5,
+             batch_size: int = 32, decoder: str = "fast", **generation) -> list[RegionResult]:
     """Describe each box (x1, y1, x2, y2, image pixels) of `image` (path, bytes, PIL or array).
 
     `views`: how the views are chosen and rendered (default: pHASH, the model's n and box rounding).
+    `strategy`, `task`: shortcuts that override those of `views`; `strategy="task", task="attributes"` uses
+    the views the model's view study measured best for that task (docs/view-study.md).
     See `describe_views` for the other arguments.
     """
     config = model.config
-    views = (views or ViewOptions()).resolve(config)
+    views = views or ViewOptions()
+    if strategy is not None or task is not None:
+        views = dataclasses.replace(views, strategy=strategy or views.strategy, task=task,
+                                    ts=None if (strategy or views.strategy) == "task" else views.ts)
+    views = views.resolve(config)
     if views.n_views != config.n_views:
         raise ValueError(f"n_views={views.n_views}, but this model fuses exactly {config.n_views} views")
     check_tag_threshold(model, tag_threshold)

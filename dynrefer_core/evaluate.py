@@ -2,6 +2,7 @@
 
     python -m dynrefer_core.evaluate --checkpoint checkpoints/mini --annotations data/mini/annotations.json \
         --split test --out eval.json [--n-views 3 --strategy phash|fixed|random --ts 0.2 0.6]
+    ... --sweep-t 0,0.1,...,1.0 --out sweep.json    # the view study (view_study.py, docs/view-study.md)
 
 Per region: views from the planner, z = encode_regions, tags = D_tag > threshold, caption = D_llm with the
 predicted tags as control (spec §4.3), class = argmax of D_rtc scores of "the {class}" prompts (§4.2),
@@ -61,9 +62,13 @@ class EvalResult:
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     predictions: list[dict] = field(default_factory=list)
+    attribute_arrays: tuple | None = field(default=None, repr=False)  # (scores, labels) per region; not saved
 
     def to_dict(self, with_predictions: bool = False) -> dict:
+        arrays, self.attribute_arrays = self.attribute_arrays, None
         d = asdict(self)
+        self.attribute_arrays = arrays
+        d.pop("attribute_arrays")
         caps = d.pop("captions")
         d.update({k: math.nan for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")})
         d.update(caps)  # BLEU-1..4, METEOR, ROUGE-L, CIDEr at top level (None when not computed)
@@ -147,9 +152,10 @@ def evaluate_model(model, annotations: RegionAnnotations, *, views: ViewOptions 
     attributes = (np.concatenate(attr_scores), np.array(attr_labels)) if attr_scores else None
     res = score_predictions(preds, vocab.tags, thr, attributes=attributes, meteor=meteor,
                             caption_metrics=caption_metrics)
-    res.settings = {"decoder": decoder, "n_views": views.n_views, "strategy": views.strategy, "ts": list(views.ts) if views.ts else None,
-                    "alpha": views.alpha, "hash_name": views.hash_name, "seed": views.seed,
-                    "box_rounding": views.box_rounding}
+    res.attribute_arrays = attributes
+    res.settings = {"decoder": decoder, "n_views": views.n_views, "strategy": views.strategy,
+                    "ts": list(views.ts) if views.ts else None, "task": views.task, "alpha": views.alpha,
+                    "hash_name": views.hash_name, "seed": views.seed, "box_rounding": views.box_rounding}
     res.seconds = time.perf_counter() - start
     return res
 
@@ -214,12 +220,17 @@ def calibrate_tag_threshold(model, annotations: RegionAnnotations, max_regions: 
 def densecap_on_gt_boxes(preds: list[dict]) -> metrics.DenseCapResult:
     """The paper's dense-captioning protocol (spec 8.1): every ground-truth box is described and ranked by its
     caption probability; `preds` are `evaluate_model`'s prediction dicts."""
+    return metrics.densecap_map(*densecap_inputs(preds))
+
+
+def densecap_inputs(preds: list[dict]) -> tuple[dict, dict]:
+    """`evaluate_model`'s predictions as the DenseCap evaluator's per-image detections and GT regions."""
     predictions: dict = {}
     ground_truth: dict = {}
     for p in preds:
         predictions.setdefault(p["image_id"], []).append(metrics.Detection(p["box"], p["caption"], p["caption_score"]))
         ground_truth.setdefault(p["image_id"], []).append(metrics.GTRegion(p["box"], p["reference"]))
-    return metrics.densecap_map(predictions, ground_truth)
+    return predictions, ground_truth
 
 
 def densecap_on_proposals(model, annotations: RegionAnnotations, proposer, *, views: ViewOptions | None = None,
@@ -336,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-proposals", type=int, default=30, help="--densecap proposals: boxes per image")
     ap.add_argument("--decoder", choices=["fast", "hf"], default="fast",
                     help="caption decoding: our static-cache beam search, or transformers' generate (the same captions)")
+    study = ap.add_argument_group("view study (docs/view-study.md)")
+    study.add_argument("--sweep-t", metavar="T,T,...",
+                       help="evaluate every task with view two fixed at each t (e.g. 0,0.1,...,1.0) and with pHASH; "
+                            "writes --out (JSON) and a plot next to it (.png)")
+    study.add_argument("--bootstrap", type=int, default=1000, help="--sweep-t: bootstrap resamples of the images")
+    study.add_argument("--save-priors", action="store_true",
+                       help="--sweep-t: store each task's best t's in the checkpoint's config.json as its task "
+                            "priors (describe --strategy task); a val split only, never test")
     args = ap.parse_args(argv)
     from .modeling.dynrefer import DynRefer
 
@@ -344,12 +363,32 @@ def main(argv: list[str] | None = None) -> int:
     views = view_options(args, ap)
     if args.densecap == "proposals" and bool(args.proposer) == bool(args.proposals):
         ap.error("--densecap proposals needs exactly one of --proposer DIR and --proposals FILE")
+    sweep_ts = None
+    if args.sweep_t is not None:
+        from .view_study import parse_ts
+
+        try:
+            sweep_ts = parse_ts(args.sweep_t)
+        except ValueError as err:
+            ap.error(str(err))
+        if args.densecap == "proposals":
+            ap.error("--sweep-t scores dense captioning on the ground-truth boxes; leave out --densecap proposals")
+        if args.bootstrap < 1:
+            ap.error("--bootstrap needs at least 1 resample")
+        if args.strategy != "phash" or args.ts or args.n_views or args.task:
+            ap.error("--sweep-t chooses the views itself (t = 0 and each t, then pHASH); leave out --strategy, "
+                     "--ts, --n-views and --task")
+    if args.save_priors and (sweep_ts is None or args.split in ("test", "all")):
+        ap.error("--save-priors stores the best views of a --sweep-t on a val split: choosing views is model "
+                 "selection, so never on test (use --split val)")
     try:
         ann = load_annotations(args.annotations, tag_list=args.tag_list, image_root=args.image_root).split(args.split)
         model = DynRefer.from_pretrained(args.checkpoint, device=args.device)
     except (FileNotFoundError, ValueError) as err:  # a wrong path, file or model id: one clear line
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if sweep_ts is not None:
+        return run_view_study(model, ann, sweep_ts, args)
     res = evaluate_model(model, ann, views=views, tag_threshold=args.tag_threshold, meteor=not args.no_meteor,
                          caption_metrics=False if args.no_caption_metrics else None, max_regions=args.max_regions,
                          batch_regions=args.batch_regions, decoder=args.decoder)
@@ -380,6 +419,46 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.out}")
+    return 0
+
+
+def run_view_study(model, ann: RegionAnnotations, ts: list[float], args: argparse.Namespace) -> int:
+    """`--sweep-t`: the sweep, its table and plot, and with `--save-priors` the task priors."""
+    from . import view_study
+    from .checkpoint import update_config
+
+    caption_metrics = not args.no_caption_metrics and metrics.caption_metrics_available()
+    if not caption_metrics:
+        print("note: no Java (or pycocoevalcap): captioning and dense captioning are left out of the sweep",
+              file=sys.stderr)
+    try:
+        sweep = view_study.run_sweep(model, ann, ts, resamples=args.bootstrap, seed=args.seed or 0,
+                                     caption_metrics=caption_metrics, max_regions=args.max_regions,
+                                     batch_regions=args.batch_regions, decoder=args.decoder)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    sweep["settings"] = {"checkpoint": str(args.checkpoint), "annotations": str(args.annotations),
+                         "split": args.split, "decoder": args.decoder, "box_rounding": model.config.box_rounding,
+                         "max_regions": args.max_regions}
+    print(view_study.sweep_table(sweep))
+    print("best t per metric:", ", ".join(f"{m} {t:g}" for m, t in sweep["best"].items()))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(sweep, indent=2) + "\n")
+        plot = view_study.save_sweep_plot(sweep, out.with_suffix(".png"),
+                                          title=f"{Path(args.checkpoint).name}: view two at t, {args.split} split")
+        print(f"wrote {out} and {plot}")
+    if args.save_priors:
+        folder = Path(args.checkpoint)
+        if not (folder / "config.json").is_file():
+            print(f"error: --save-priors writes into a checkpoint folder's config.json; {folder} has none",
+                  file=sys.stderr)
+            return 1
+        config = update_config(folder, task_priors=sweep["task_priors"],
+                               task_priors_source=view_study.priors_source(sweep))
+        print(f"task priors saved in {folder / 'config.json'}: {config.task_priors}")
     return 0
 
 

@@ -87,6 +87,23 @@ def caption_metrics_available() -> bool:
 def caption_metrics(predictions: Mapping[int, str], references: Mapping[int, Sequence[str]],
                     *, meteor: bool = True, meteor_timeout_s: float = 300.0) -> dict[str, float]:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D) as fractions, keyed by region id (one hypothesis each)."""
+    return caption_scores(predictions, references, meteor=meteor, meteor_timeout_s=meteor_timeout_s).corpus
+
+
+@dataclass
+class CaptionScores:
+    """`corpus`: the metrics as `caption_metrics` gives them. `per_region`: CIDEr and METEOR of each region,
+    in the order of `ids` (CIDEr-D's corpus value is their mean; METEOR's corpus value pools the matches
+    of all regions, so it differs slightly from the mean of the per-region scores)."""
+
+    corpus: dict[str, float]
+    ids: list[int]
+    per_region: dict[str, np.ndarray]
+
+
+def caption_scores(predictions: Mapping[int, str], references: Mapping[int, Sequence[str]],
+                   *, meteor: bool = True, meteor_timeout_s: float = 300.0) -> CaptionScores:
+    """`caption_metrics` with the per-region CIDEr and METEOR kept (for bootstrap intervals)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -103,15 +120,18 @@ def caption_metrics(predictions: Mapping[int, str], references: Mapping[int, Seq
     gts = tok.tokenize({i: [{"caption": _clean(r)} for r in references[i]] for i in ids})
     res = {i: [c or "empty"] for i, (c,) in res.items()}
     out: dict[str, float] = {}
+    per: dict[str, np.ndarray] = {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     for n, b in enumerate(bleu, 1):
         out[f"BLEU-{n}"] = float(b)
     out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
-    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    cider, cider_each = Cider().compute_score(gts, res)  # iterates gts' keys: sorted ids, as tokenize kept them
+    out["CIDEr"], per["CIDEr"] = float(cider), np.asarray(cider_each, float)
     if meteor:
         with MeteorScorer(meteor_timeout_s) as m:
-            out["METEOR"] = m.compute_score(gts, res)[0]
-    return out
+            out["METEOR"], meteor_each = m.compute_score(gts, res)
+        per["METEOR"] = np.asarray(meteor_each, float)
+    return CaptionScores(out, ids, per)
 
 
 @dataclass
@@ -326,6 +346,36 @@ def _meteor_per_pair(pairs: list[tuple[str, list[str]]], scorer: PairScorer | No
     return out
 
 
+@dataclass
+class DenseCapMatches:
+    """Every detection of a DenseCap evaluation, matched and METEOR-scored, grouped by image (`start[i]` to
+    `start[i + 1]` are image i's detections; `npos[i]` its merged GT boxes). `result()` gives the mAP of all
+    images or of a resample of them (image indices, repeats allowed: the bootstrap's unit)."""
+
+    images: list
+    start: np.ndarray
+    npos: np.ndarray
+    scores: np.ndarray
+    ok: np.ndarray
+    iou: np.ndarray
+    meteor: np.ndarray
+    n_gt_regions: int
+
+    def result(self, images: Sequence[int] | None = None) -> DenseCapResult:
+        idx = np.arange(len(self.images)) if images is None else np.asarray(images, int)
+        rows = (np.concatenate([np.arange(self.start[i], self.start[i + 1]) for i in idx]) if len(idx)
+                else np.zeros(0, int))
+        npos = int(self.npos[idx].sum())
+        order = rows[np.argsort(-self.scores[rows], kind="stable")]
+        ok, iou, met = self.ok[order], self.iou[order], self.meteor[order]
+        det_ap = [average_precision(ok & (iou >= t), npos) for t in IOU_THRESHOLDS]
+        ap = [[average_precision(ok & (iou >= t) & (met > m), npos) for m in METEOR_THRESHOLDS]
+              for t in IOU_THRESHOLDS]
+        return DenseCapResult(map=float(np.mean(ap)), det_map=float(np.mean(det_ap)), ap=ap, det_ap=det_ap,
+                              n_images=len(idx), n_detections=len(rows), n_gt_regions=self.n_gt_regions,
+                              n_gt_boxes=npos)
+
+
 def densecap_map(predictions: Mapping[Hashable, Sequence[Detection]],
                  ground_truth: Mapping[Hashable, Sequence[GTRegion]],
                  meteor: PairScorer | None = None, *, meteor_timeout_s: float = 600.0) -> DenseCapResult:
@@ -337,25 +387,29 @@ def densecap_map(predictions: Mapping[Hashable, Sequence[Detection]],
     then closed). Over all images, by descending score (ties: input order), a detection is a true positive
     at (IoU thr, METEOR thr) iff it took its box, IoU >= thr and METEOR > thr (strict). Images missing from
     either mapping count as having no detections or no GT (the original fails on both)."""
+    return densecap_matches(predictions, ground_truth, meteor, meteor_timeout_s=meteor_timeout_s).result()
+
+
+def densecap_matches(predictions: Mapping[Hashable, Sequence[Detection]],
+                     ground_truth: Mapping[Hashable, Sequence[GTRegion]],
+                     meteor: PairScorer | None = None, *, meteor_timeout_s: float = 600.0) -> DenseCapMatches:
+    """The matching and METEOR step of `densecap_map`, kept per image."""
     images = list(ground_truth) + [k for k in predictions if k not in ground_truth]
     scores, pairs, ok, iou = [], [], [], []
-    n_regions = npos = 0
+    start, npos = [0], []
+    n_regions = 0
     for img in images:
         gts = [GTRegion(*g) for g in ground_truth.get(img, ())]
         dets = sorted((Detection(*d) for d in predictions.get(img, ())), key=lambda d: -d.score)
         merged, references = merge_ground_truth(gts)
         n_regions += len(gts)
-        npos += len(merged)
+        npos.append(len(merged))
         for d, m in zip(dets, match_detections([d.box for d in dets], merged)):
             scores.append(float(d.score))
             pairs.append((d.caption, references[m.gt] if m.gt >= 0 else []))
             ok.append(m.ok)
             iou.append(m.iou)
-
+        start.append(len(scores))
     met = _meteor_per_pair(pairs, meteor, meteor_timeout_s)
-    order = np.argsort(-np.asarray(scores, float), kind="stable")
-    ok, iou, met = np.asarray(ok, bool)[order], np.asarray(iou, float)[order], met[order]
-    det_ap = [average_precision(ok & (iou >= t), npos) for t in IOU_THRESHOLDS]
-    ap = [[average_precision(ok & (iou >= t) & (met > m), npos) for m in METEOR_THRESHOLDS] for t in IOU_THRESHOLDS]
-    return DenseCapResult(map=float(np.mean(ap)), det_map=float(np.mean(det_ap)), ap=ap, det_ap=det_ap,
-                          n_images=len(images), n_detections=len(scores), n_gt_regions=n_regions, n_gt_boxes=npos)
+    return DenseCapMatches(images, np.asarray(start, int), np.asarray(npos, int), np.asarray(scores, float),
+                           np.asarray(ok, bool), np.asarray(iou, float), met, n_regions)

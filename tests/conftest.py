@@ -64,6 +64,18 @@ def bundled_model():
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, scenes):
+    """(folder, annotations): a random tiny model with the scenes' tokenizer and vocabulary, saved as the
+    trainer saves one, and the scenes it was built for. Read-only: copy the folder to change it."""
+    from dynrefer_core import train as T
+    from dynrefer_core.data.annotations import load_annotations
+
+    cfg = T.load_config(None, ["model.preset=tiny"])
+    model = T.build_model(cfg, load_annotations(scenes).split("train"))
+    return model.save_pretrained(tmp_path_factory.mktemp("tiny_ckpt") / "ckpt"), scenes
+
+
+@pytest.fixture(scope="session")
 def tiny_sam(tmp_path_factory):
     """A random SamModel at 64 px and its processor, saved like a Hub folder (nothing is downloaded)."""
     from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor

@@ -9,15 +9,7 @@ from pathlib import Path
 import pytest
 
 from dynrefer_core import evaluate as E
-from dynrefer_core import train as T
 from dynrefer_core.data.annotations import load_annotations
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, scenes):
-    cfg = T.load_config(None, ["model.preset=tiny"])
-    model = T.build_model(cfg, load_annotations(scenes).split("train"))
-    return model.save_pretrained(tmp_path_factory.mktemp("evalcli") / "ckpt"), scenes
 
 
 @pytest.mark.slow

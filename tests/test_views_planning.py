@@ -1,4 +1,6 @@
 """View selection: the pHash rule against a literal computation, ties, all-zero scores, strategies, properties."""
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -92,8 +94,9 @@ def test_fixed_strategy_on_and_off_grid():
     (dict(strategy="fixed"), "needs ts"),
     (dict(strategy="fixed", ts=(0.2,)), "n_views-1"),
     (dict(strategy="fixed", ts=(0.2, 0.2)), "repeats"),
-    (dict(strategy="fixed", ts=(0.0, 0.5)), "(0, 1]"),
-    (dict(strategy="fixed", ts=(0.5, 1.5)), "(0, 1]"),
+    (dict(strategy="fixed", ts=(-0.1, 0.5)), "[0, 1]"),
+    (dict(strategy="fixed", ts=(0.5, 1.5)), "[0, 1]"),
+    (dict(strategy="task"), "task= one of"),
     (dict(strategy="best"), "strategy='best'"),
     (dict(n_views=0), "n_views=0"),
     (dict(n_views=12), "at most 11"),
@@ -103,6 +106,35 @@ def test_bad_arguments(kwargs, words):
     with pytest.raises(ValueError) as err:
         plan_views(textured(), (30, 30, 60, 45), **kwargs)
     assert words in str(err.value)
+
+
+def test_task_prior_resolves_to_the_models_fixed_ts():
+    from dynrefer_core.config import DynReferConfig
+
+    task = ViewOptions(strategy="task", task="attributes")
+    with pytest.raises(ValueError, match="only used with strategy='task'"):
+        ViewOptions(strategy="random", task="attributes")
+    with pytest.raises(ValueError, match="resolved for a model"):
+        plan_views_batch(textured(), [(30, 30, 60, 45)], dataclasses.replace(task, n_views=2))
+    with pytest.raises(ValueError, match="no task prior for 'attributes'.*--save-priors"):
+        task.resolve(DynReferConfig.tiny())
+    config = DynReferConfig.tiny()
+    config.n_views = 2
+    config.task_priors = {"attributes": [0.0], "captioning": [0.4], "dense": "phash"}
+    config.validate()
+    resolved = task.resolve(config)
+    assert (resolved.strategy, resolved.ts, resolved.task, resolved.n_views) == ("fixed", (0.0,), "attributes", 2)
+    # t = 0 repeats the tight crop: both views are the base view, as when a dual-view model gets no context
+    plan = plan_views_batch(textured(), [(30, 30, 60, 45)], resolved)[0]
+    assert plan.selected_ts == [0.0, 0.0] and plan.views == [plan.base, plan.base] and not plan.extra
+    caption = ViewOptions(strategy="task", task="captioning").resolve(config)
+    assert plan_views_batch(textured(), [(30, 30, 60, 45)], caption)[0].selected_ts == [0.0, 0.4]
+    dense = ViewOptions(strategy="task", task="dense").resolve(config)  # the study found nothing better than pHASH
+    assert (dense.strategy, dense.ts, dense.task) == ("phash", None, "dense")
+    with pytest.raises(ValueError, match="n_views-1 = 1"):
+        DynReferConfig.from_dict({**config.to_dict(), "task_priors": {"dense": [0.2, 0.3]}})
+    with pytest.raises(ValueError, match="unknown task 'tags'"):
+        DynReferConfig.from_dict({**config.to_dict(), "task_priors": {"tags": [0.2]}})
 
 
 def test_batch_equals_single_and_to_dict_is_json():

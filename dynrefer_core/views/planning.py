@@ -7,8 +7,12 @@ Strategies:
   we never pick a candidate twice and take the next smallest t instead.
 - ``"random"`` (the training sampler): n-1 distinct candidates drawn with a seeded ``numpy.random.Generator``,
   kept in sampled order (the reference uses Python's ``random.sample``, so the draws themselves differ).
-- ``"fixed"`` ("task prior"): the given ``ts``, in the given order; any t in (0, 1] works, off-grid ones are
-  computed like the candidates and appear in ``ViewPlan.views`` (and ``extra``), not in ``candidates``.
+- ``"fixed"``: the given ``ts``, in the given order; any t in (0, 1] works, off-grid ones are computed like the
+  candidates and appear in ``ViewPlan.views`` (and ``extra``), not in ``candidates``. t = 0 repeats the tight
+  crop (a dual-view model's t = 0 point, or a task that is best without context).
+- ``"task"`` ("task prior"): the ``ts`` the view study measured best for ``task`` on this model
+  (``DynReferConfig.task_priors``, docs/view-study.md); ``ViewOptions.resolve`` turns it into "fixed", or into
+  "phash" for a task where the study found no fixed view better than pHASH.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from .geometry import BOX_ROUNDINGS, CANDIDATE_TS, NUM_CANDIDATES, crop_boxes, r
 from .hashing import hash_hex, make_hasher
 from .imageio import ImageSource, load_image
 
-STRATEGIES = ("phash", "fixed", "random")
+STRATEGIES = ("phash", "fixed", "random", "task")
+TASKS = ("captioning", "dense", "attributes", "recognition")  # the paper's four tasks, for task priors
 
 
 class BoxError(ValueError):
@@ -38,7 +43,8 @@ class ViewOptions:
     """How the n views of a region are chosen and rendered; one value travels through every path.
 
     n_views: t = 0 plus n-1 chosen views (None: the model's n). strategy: "phash" (image prior), "fixed"
-    (task prior: the n-1 `ts`, in order) or "random" (seeded by `seed`). alpha: the t^alpha discount of the
+    (the n-1 `ts`, in order), "random" (seeded by `seed`) or "task" (the model's task prior for `task`, one of
+    `TASKS`, which `resolve` makes "fixed" with the model's ts). alpha: the t^alpha discount of the
     pHASH score. hash_name: the hash h_t (`HASH_NAMES`). box_rounding: how the region box is mapped into each
     view, "exact" or "reference" (the release's truncation); None: the model's `DynReferConfig.box_rounding`.
     Invalid combinations raise ValueError here, before any image is read.
@@ -51,21 +57,44 @@ class ViewOptions:
     hash_name: str = "dct"
     seed: int | None = None
     box_rounding: str | None = None
+    task: str | None = None  # with strategy "task"; kept after `resolve` to say where the views came from
 
     def __post_init__(self) -> None:
         if self.ts is not None:
             object.__setattr__(self, "ts", tuple(float(t) for t in self.ts))
         if self.box_rounding is not None and self.box_rounding not in BOX_ROUNDINGS:
             raise ValueError(f"box_rounding={self.box_rounding!r}: use one of {BOX_ROUNDINGS}")
-        if self.n_views is not None:
+        if self.strategy == "task":
+            if self.task not in TASKS:
+                raise ValueError(f"strategy='task' needs task= one of {TASKS}, got {self.task!r}")
+            if self.ts is not None:
+                raise ValueError("strategy='task' takes its ts from the model's task priors; give no ts")
+        elif self.task is not None and self.strategy == "random":
+            raise ValueError(f"task={self.task!r} is only used with strategy='task'")
+        elif self.n_views is not None:
             _check_args(self.n_views, self.strategy, self.ts, self.alpha)
         elif self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not known: use one of {STRATEGIES}")
 
     def resolve(self, config) -> "ViewOptions":
-        """These options with the model's n_views and box_rounding filled in where they are None."""
-        return dataclasses.replace(self, n_views=config.n_views if self.n_views is None else self.n_views,
-                                   box_rounding=self.box_rounding or config.box_rounding)
+        """These options with the model's n_views and box_rounding filled in where they are None, and a task
+        prior replaced by what the model stores for it (`DynReferConfig.task_priors`): fixed ts, or pHASH
+        where the view study found no fixed view better."""
+        n_views = config.n_views if self.n_views is None else self.n_views
+        out = dataclasses.replace(self, box_rounding=self.box_rounding or config.box_rounding)
+        if self.strategy != "task":
+            return dataclasses.replace(out, n_views=n_views)
+        priors = getattr(config, "task_priors", None) or {}
+        if self.task not in priors:
+            raise ValueError(f"this model has no task prior for {self.task!r} (it has: {sorted(priors) or 'none'}); "
+                             "measure them with `python -m dynrefer_core.evaluate --sweep-t ... --split val "
+                             "--save-priors` (docs/view-study.md), or use strategy 'phash'")
+        if priors[self.task] == "phash":
+            return dataclasses.replace(out, n_views=n_views, strategy="phash")
+        ts = tuple(priors[self.task])
+        if n_views != len(ts) + 1:
+            raise ValueError(f"the {self.task!r} prior has {len(ts) + 1} views (t = 0, {ts}), not n_views={n_views}")
+        return dataclasses.replace(out, n_views=n_views, strategy="fixed", ts=ts)
 
 
 @dataclass(eq=False)  # compared by identity: == on the hash_bits arrays would be ambiguous
@@ -108,8 +137,8 @@ class ViewPlan:
 
     @property
     def views(self) -> list[ViewCandidate]:
-        """[base, chosen views...] in the order the model sees them (x_v index k)."""
-        by_t = {c.t: c for c in [*self.candidates, *self.extra]}
+        """[base, chosen views...] in the order the model sees them (x_v index k); a fixed t = 0 is the base."""
+        by_t = {0.0: self.base, **{c.t: c for c in [*self.candidates, *self.extra]}}
         return [self.base, *(by_t[t] for t in self.selected_ts[1:])]
 
     def to_dict(self) -> dict:
@@ -179,7 +208,7 @@ def plan_views_batch(image: ImageSource, boxes: Sequence[Sequence[float]], views
         else:
             chosen = []
             for t in fixed_ts:  # already snapped to the grid where within 1e-9 of it
-                if t not in CANDIDATE_TS:
+                if t and t not in CANDIDATE_TS:
                     extra.append(_off_grid_view(region, size, t, hasher, base.hash_bits, alpha))
                 chosen.append(t)
         for c in [*candidates, *extra]:
@@ -210,6 +239,9 @@ def _off_grid_view(region, size, t, hasher, h0, alpha) -> ViewCandidate:
 
 
 def _check_args(n_views, strategy, ts, alpha) -> list[float]:
+    if strategy == "task":
+        raise ValueError("strategy='task' must be resolved for a model first (ViewOptions.resolve): its task "
+                         "priors give the ts")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not known: use one of {STRATEGIES}")
     if not isinstance(n_views, (int, np.integer)) or n_views < 1:
@@ -229,10 +261,11 @@ def _check_args(n_views, strategy, ts, alpha) -> list[float]:
     if len(fixed) != n_views - 1:
         raise ValueError(f"ts={tuple(fixed)} has {len(fixed)} values but n_views={n_views} needs n_views-1 = "
                          f"{n_views - 1}")
-    bad = [t for t in fixed if not (0.0 < t <= 1.0)]
+    bad = [t for t in fixed if not (0.0 <= t <= 1.0)]
     if bad:
-        raise ValueError(f"ts={tuple(fixed)}: every t must be in (0, 1] (t=0 is the base view), got {bad}")
-    snapped = [next((g for g in CANDIDATE_TS if abs(g - t) < 1e-9), t) for t in fixed]
-    if len(set(snapped)) != len(snapped):
-        raise ValueError(f"ts={tuple(fixed)} repeats a value: the views must be distinct")
+        raise ValueError(f"ts={tuple(fixed)}: every t must be in [0, 1] (0 repeats the tight crop), got {bad}")
+    snapped = [next((g for g in (0.0, *CANDIDATE_TS) if abs(g - t) < 1e-9), t) for t in fixed]
+    context = [t for t in snapped if t]
+    if len(set(context)) != len(context):
+        raise ValueError(f"ts={tuple(fixed)} repeats a context view: the views with t > 0 must be distinct")
     return snapped
