@@ -195,3 +195,22 @@ def test_app_offers_the_models_task_priors_and_draws_its_study(tmp_path):
     demo = app.build_app(loaded)
     assert any(getattr(b, "elem_id", None) == "study-plot" for b in demo.blocks.values())
 
+
+def test_the_bundled_two_view_model_carries_its_study_and_priors_from_val():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "mini-2view"
+    config = DynReferConfig.from_dict({k: v for k, v in json.loads((folder / "config.json").read_text()).items()
+                                       if k != "format"})
+    assert config.n_views == 2 and set(config.task_priors) == set(V.PRIMARY)
+    val = json.loads((folder / "view_study_val.json").read_text())
+    assert val["settings"]["split"] == "val" and val["task_priors"] == config.task_priors  # chosen on val
+    for name in ("view_study.json", "view_study_unseen_seed2718.json"):
+        sweep = json.loads((folder / name).read_text())
+        assert sweep["settings"]["split"] == "test" and sweep["ts"] == [round(0.1 * k, 6) for k in range(11)]
+        assert [r["setting"] for r in sweep["rows"]][-1] == "phash"
+        for row in sweep["rows"]:
+            assert set(row["metrics"]) == set(V.METRICS)
+            assert all(e["ci"][0] <= e["ci"][1] for e in row["metrics"].values())
+        assert (folder / name).with_suffix(".png").is_file()
+    assert V.load_view_study(folder)["settings"]["split"] == "test"
