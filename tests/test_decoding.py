@@ -97,6 +97,22 @@ def test_padded_bucket_and_encoder_length(tiny_t5, n):
     assert search.B == bucket(n) > n and search.cross.shape[-2] == 30
 
 
+def test_a_kept_search_follows_weights_changed_in_place():
+    """The fused q|k|v and wi_0|wi_1 copies are refreshed when a weight changes in place (an optimizer step,
+    e.g. validation during training), so a kept search never decodes with old weights."""
+    torch.manual_seed(3)
+    t5 = LanguageDecoder(DynReferConfig.tiny()).eval().t5
+    inputs, mask = tiny_inputs(3, seed=4)
+    cache: dict = {}
+    before = assert_same(t5, inputs, mask, SETTINGS["official"], cache=cache)
+    with torch.no_grad():
+        for block in t5.decoder.block:
+            block.layer[0].SelfAttention.k.weight.mul_(-3.0)
+            block.layer[2].DenseReluDense.wi_1.weight.mul_(-2.0)
+    after = assert_same(t5, inputs, mask, SETTINGS["official"], cache=cache)
+    assert len(cache) == 1 and not torch.equal(before, after)
+
+
 def test_settings_outside_the_fast_path():
     base = SETTINGS["official"]
     assert BeamSettings.resolve(base) == BeamSettings(2, 20, 1, 0, 0.0, 1.5)
