@@ -186,9 +186,9 @@ def build_app(loaded: handlers.LoadedModel, proposer: everything.LoadedProposer 
                                    type="pil", interactive=False, height=420, elem_id="views-image")
             plot = gr.Plot(label="Score versus t", elem_id="score-plot")
         if study is not None:
-            study_plot = gr.Plot(label="View study of this model (from its folder): each task's "
-                                       "metric vs t of view two, 95% intervals; pHASH dashed", elem_id="study-plot",
-                                 value=handlers.on_study(study, None, None))
+            study_plot = gr.Plot(label="View study of this model (from its folder): each task's metric vs t of view "
+                                       "two, 95% intervals; pHASH dashed", show_label=False, elem_id="study-plot",
+                                 value=handlers.on_study(study, None, None))  # the figure's title says it all
         gr.Markdown("Each tile: t, score, Hamming distance of its 64-bit hash h_t to the box's own hash h_0, and h_t "
                     "in hex. Framed in yellow: the views the model uses.")
         gallery = gr.Gallery(show_label=False, columns=6, height="auto", object_fit="contain", elem_id="candidates")

@@ -99,6 +99,8 @@ def test_draw_boxes_and_describe_them(example, tmp_path):
             assert re.search(r"“.+”", caption), caption  # a non-empty caption in quotes
             assert "views t = 0.0, " in caption and re.search(r"box rounding: (exact|reference)", caption), caption
         assert page.locator("#download").is_visible()
+        # the bundled model carries a view study (its val sweep): its curves sit under the score plot
+        assert page.locator("#study-plot").count() == 1
         views = page.locator(".model-views img")
 
         for image in views.all() + candidates.all():  # gallery images load lazily: bring each on screen once
