@@ -216,16 +216,17 @@ def build_app(loaded: handlers.LoadedModel, proposer: everything.LoadedProposer 
 
         # Wiring. The page's own events stay out of the API docs; the documented API is /describe and /plan_views.
         view_outputs = [pick, views_image, gallery, plot, views_note]
-        annotator.change(lambda value, *c: handlers.on_views(value, None, *c, config=config), [annotator, *controls],
-                         view_outputs, api_visibility="undocumented", concurrency_limit=4)  # a new or moved box
+        new_box = annotator.change(lambda value, *c: handlers.on_views(value, None, *c, config=config),
+                                   [annotator, *controls], view_outputs, api_visibility="undocumented",
+                                   concurrency_limit=4)  # a new or moved box: the newest
         view_events = [pick.input, n_views.release, strategy.change, ts_text.submit, hash_name.change, alpha.release,
                        seed.submit]
-        gr.on(view_events, lambda value, pick, *c: handlers.on_views(value, pick, *c, config=config),
-              [annotator, pick, *controls], view_outputs, api_visibility="undocumented", concurrency_limit=4)
-        if study is not None:
-            gr.on([annotator.change, *view_events],
-                  lambda value, pick, *c: handlers.on_study(study, value, pick, *c, config=config),
-                  [annotator, pick, *controls], study_plot, api_visibility="undocumented", concurrency_limit=4)
+        new_views = gr.on(view_events, lambda value, pick, *c: handlers.on_views(value, pick, *c, config=config),
+                          [annotator, pick, *controls], view_outputs, api_visibility="undocumented", concurrency_limit=4)
+        if study is not None:  # after the views (which matter first), not competing with them for the CPU
+            for event in (new_box, new_views):
+                event.then(lambda value, pick, *c: handlers.on_study(study, value, pick, *c, config=config),
+                           [annotator, pick, *controls], study_plot, api_visibility="undocumented")
         strategy.change(lambda s: gr.update(visible=s == "fixed"), strategy, ts_text, api_visibility="undocumented",
                         queue=False)
         describe_btn.click(functools.partial(handlers.on_describe, loaded, workdir), [annotator, phrases, *controls],

@@ -106,6 +106,8 @@ def test_draw_boxes_and_describe_them(example, tmp_path):
         for image in views.all() + candidates.all():  # gallery images load lazily: bring each on screen once
             image.scroll_into_view_if_needed()
         page.mouse.move(0, 0)
+        # the page's own events (views, study plot) may still be drawing on two busy cores: let them finish
+        wait_until(lambda: page.get_by_text("processing |").count() == 0, timeout=90, what="pending events")
         time.sleep(1.0)
         shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
         browser.close()
