@@ -260,6 +260,11 @@ def box_error_message(boxes: list, exc: BoxError, start: int = 1) -> str:
 # ---------------------------------------------------------------------------------------------- handlers
 
 
+def inspected_index(pick: int | None, boxes: list) -> int:
+    """The box to inspect: the picked one if it exists, else the newest."""
+    return pick if isinstance(pick, int) and 0 <= pick < len(boxes) else len(boxes) - 1
+
+
 def region_choices(boxes: list) -> list[tuple[str, int]]:
     """The "Region to inspect" choices: (label, index) per box, numbered from 1 as on the page."""
     return [(f"Box {i + 1}: ({', '.join(f'{v:.0f}' for v in box)})", i) for i, box in enumerate(boxes)]
@@ -279,7 +284,7 @@ def on_views(value: dict | None, pick: int | None, *controls, config: Any = None
     image = read_image(src)  # an unreadable upload is reported right away, before any box
     if not boxes:
         return gr.update(choices=[], value=None), None, [], None, "_Drag on the image to draw a box._"
-    index = pick if isinstance(pick, int) and 0 <= pick < len(boxes) else len(boxes) - 1
+    index = inspected_index(pick, boxes)
     choices = gr.update(choices=region_choices(boxes), value=index)
     try:
         view_plan = plan(image, [boxes[index]], view_options(*controls, config=config), start=index + 1)[0]
@@ -297,7 +302,7 @@ def on_study(study: dict, value: dict | None, pick: int | None, *controls, confi
     marks: list[float] = []
     src, boxes = boxes_from_annotation(value)
     if src is not None and boxes:
-        index = pick if isinstance(pick, int) and 0 <= pick < len(boxes) else len(boxes) - 1
+        index = inspected_index(pick, boxes)
         try:
             marks = plan(read_image(src), [boxes[index]], view_options(*controls, config=config))[0].selected_ts[1:]
         except gr.Error:

@@ -17,6 +17,7 @@ onto this model strictly; `official_state_dict` exports them back under the rele
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -211,20 +212,29 @@ def _weights_to_save(model) -> dict[str, torch.Tensor]:
 def update_config(folder: str | Path, **fields) -> DynReferConfig:
     """Change `fields` of a saved model's config.json in place (e.g. the task priors a view study measured),
     checked as DynReferConfig checks them; the weights are untouched."""
+    config = dataclasses.replace(read_config(folder), **fields)  # replace() runs the config's checks
+    _write_config(config, folder)
+    return config
+
+
+def read_config(folder: str | Path) -> DynReferConfig:
+    """The DynReferConfig of a saved model folder, its format checked."""
     path = Path(folder) / "config.json"
     raw = json.loads(path.read_text())
     fmt = raw.pop("format", None)
-    config = DynReferConfig.from_dict({**raw, **fields})
-    path.write_text(json.dumps({**config.to_dict(), "format": fmt}, indent=2) + "\n")
-    return config
+    if fmt != FORMAT:
+        raise ValueError(f"{path} has format {fmt!r}, expected {FORMAT!r}")
+    return DynReferConfig.from_dict(raw)
+
+
+def _write_config(config: DynReferConfig, folder: Path) -> None:
+    (Path(folder) / "config.json").write_text(json.dumps({**config.to_dict(), "format": FORMAT}, indent=2) + "\n")
 
 
 def save_pretrained(model, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config["format"] = FORMAT
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_config(model.config, folder)
     save_file(_weights_to_save(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
     model.tokenizer.save_pretrained(str(folder / "tokenizer"))
     if model.config.text_encoder.kind == "clip" and model.text_encoder.tokenizer is not None:
@@ -279,11 +289,7 @@ def from_pretrained(model_class, folder_or_hub_id: str | Path, device=None, dtyp
     if missing:
         raise FileNotFoundError(f"model folder {folder} lacks {missing}; make one with save_pretrained or "
                                 "python -m dynrefer_core.convert")
-    raw = json.loads((folder / "config.json").read_text())
-    fmt = raw.pop("format", None)
-    if fmt != FORMAT:
-        raise ValueError(f"{folder}/config.json has format {fmt!r}, expected {FORMAT!r}")
-    config = DynReferConfig.from_dict(raw)
+    config = read_config(folder)
     tokenizer = load_tokenizer(folder / "tokenizer")
     text_tokenizer = load_tokenizer(folder / "text_tokenizer") if (folder / "text_tokenizer").is_dir() else None
     vocabulary = Vocabulary.from_folder(folder / "vocab")

@@ -157,10 +157,19 @@ def tag_prf(predicted: Sequence[set[str] | Sequence[str]], truth: Sequence[set[s
         tp += len(p & t)
         n_pred += len(p)
         n_true += len(t)
-    prec = tp / n_pred if n_pred else 0.0
-    rec = tp / n_true if n_true else 0.0
-    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    prec, rec, f1 = (float(v) for v in precision_recall_f1(tp, n_pred, n_true))
     return TagScores(prec, rec, f1, threshold)
+
+
+def precision_recall_f1(tp, n_pred, n_true) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Micro P = TP / predicted, R = TP / ground truth and their F1 from counts (numbers or arrays of them,
+    e.g. one per bootstrap resample); 0 where a denominator is 0."""
+    tp, n_pred, n_true = (np.asarray(v, float) for v in (tp, n_pred, n_true))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(n_pred > 0, tp / n_pred, 0.0)
+        rec = np.where(n_true > 0, tp / n_true, 0.0)
+        f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
+    return prec, rec, f1
 
 
 def top1_accuracy(predicted: Sequence[str], truth: Sequence[str]) -> float:

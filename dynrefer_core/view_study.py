@@ -110,55 +110,49 @@ class SweepScorer:
         self.counts = np.stack([np.bincount(d, minlength=n) for d in self.draws]).astype(float)
         self.meteor = meteor
 
-    def _mean(self, image_of: np.ndarray, x: np.ndarray) -> tuple[float, np.ndarray]:
+    def _resampled_mean(self, image_of: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The mean of per-region values `x` (of images `image_of`) in each resample (B,)."""
         n = len(self.image_ids)
         sums, counts = np.bincount(image_of, x, n), np.bincount(image_of, minlength=n).astype(float)
-        return float(x.mean()), (self.counts @ sums) / np.maximum(self.counts @ counts, 1e-12)
+        return (self.counts @ sums) / np.maximum(self.counts @ counts, 1e-12)
 
     def score(self, res, tag_names: list[str]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Point values (those `evaluate_model` computed, METEOR as the mean of per-region scores) and their
+        bootstrap replicates."""
         preds = res.predictions
         image_of = np.array([self.index[p["image_id"]] for p in preds])
         values, reps = {}, {}
-        labelled = np.array([p["category"] is not None and "predicted_category" in p for p in preds])
-        if labelled.any():
+        if not math.isnan(res.recognition_top1):
+            labelled = np.array([p["category"] is not None and "predicted_category" in p for p in preds])
             right = np.array([p.get("predicted_category") == p["category"] for p in preds], float)
-            values["recognition_top1"], reps["recognition_top1"] = self._mean(image_of[labelled], right[labelled])
-        known = set(tag_names)
-        tp, n_pred, n_true = (np.array(v, float) for v in zip(*[
-            (len(set(p["tags"]) & (set(p["gt_tags"]) & known)), len(set(p["tags"])), len(set(p["gt_tags"]) & known))
-            if p["gt_tags"] else (0, 0, 0) for p in preds]))
-        if n_true.sum() > 0:
+            values["recognition_top1"] = res.recognition_top1
+            reps["recognition_top1"] = self._resampled_mean(image_of[labelled], right[labelled])
+        if not math.isnan(res.tag_f1):
+            known = set(tag_names)
+            counts = [(len(set(p["tags"]) & set(p["gt_tags"]) & known), len(set(p["tags"])),
+                       len(set(p["gt_tags"]) & known)) if p["gt_tags"] else (0, 0, 0) for p in preds]
             n = len(self.image_ids)
-            sums = [self.counts @ np.bincount(image_of, v, n) for v in (tp, n_pred, n_true)]
-            for key, (a, b, c) in (("point", [v.sum(keepdims=True) for v in (tp, n_pred, n_true)]), ("rep", sums)):
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    prec, rec = np.where(b > 0, a / b, 0.0), np.where(c > 0, a / c, 0.0)
-                    f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
-                if key == "point":
-                    values["tag_f1"] = float(f1[0])
-                else:
-                    reps["tag_f1"] = f1
-        if res.attribute_arrays is not None:
+            values["tag_f1"] = res.tag_f1
+            reps["tag_f1"] = metrics.precision_recall_f1(
+                *(self.counts @ np.bincount(image_of, np.array(v, float), n) for v in zip(*counts)))[2]
+        if res.attribute_arrays is not None and not math.isnan(res.attribute_mAP):
             scores, labels = res.attribute_arrays
-            per_attr, point = [], []
+            per_attr = []  # attributes with a positive (the mAP's rule, `metrics.attribute_map`)
             for a in range(labels.shape[1]):
                 keep = labels[:, a] >= 0
-                if labels[keep, a].sum() == 0:
-                    continue
-                w = self.counts[:, image_of[keep]]
-                per_attr.append(weighted_average_precision(scores[keep, a], labels[keep, a], w))
-                point.append(weighted_average_precision(scores[keep, a], labels[keep, a], np.ones((1, keep.sum())))[0])
-            if per_attr:
-                values["attribute_mAP"] = float(np.mean(point))
-                reps["attribute_mAP"] = np.nanmean(np.stack(per_attr), axis=0)
+                if labels[keep, a].sum() > 0:
+                    per_attr.append(weighted_average_precision(scores[keep, a], labels[keep, a],
+                                                               self.counts[:, image_of[keep]]))
+            values["attribute_mAP"] = res.attribute_mAP
+            reps["attribute_mAP"] = np.nanmean(np.stack(per_attr), axis=0)
         if self.meteor is not None:
             caps = metrics.caption_scores({p["id"]: p["caption"] for p in preds},
                                           {p["id"]: [p["reference"]] for p in preds}, meteor=True)
             by_id = {p["id"]: image_of[i] for i, p in enumerate(preds)}
             cap_images = np.array([by_id[i] for i in caps.ids])
-            for name in ("CIDEr", "METEOR"):
-                values[name], reps[name] = self._mean(cap_images, caps.per_region[name])
-            values["CIDEr"] = caps.corpus["CIDEr"]
+            for name in ("CIDEr", "METEOR"):  # CIDEr-D's corpus value is the mean of its per-region scores
+                values[name] = float(caps.per_region[name].mean())
+                reps[name] = self._resampled_mean(cap_images, caps.per_region[name])
             predictions, ground_truth = densecap_inputs(preds)
             ground_truth = {img: ground_truth[img] for img in self.image_ids}  # our image order = our indices
             dense = metrics.densecap_matches(predictions, ground_truth, self.meteor)

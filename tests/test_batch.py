@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from dynrefer_core import batch
 from dynrefer_core.cli import main as cli

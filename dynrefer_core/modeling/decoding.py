@@ -135,10 +135,10 @@ class BeamSearch:
         self._sources = [(b.layer[0].SelfAttention, b.layer[2].DenseReluDense) for b in t5.decoder.block]
         if any(lin.bias is not None for att, _ in self._sources for lin in (att.q, att.k, att.v)):
             raise ValueError("T5 attention without biases expected")
-        self.qkv = [torch.cat([att.q.weight, att.k.weight, att.v.weight]).detach().clone() for att, _ in self._sources]
         self.gated = hasattr(self._sources[0][1], "wi_0")
-        self.wi = [torch.cat([ff.wi_0.weight, ff.wi_1.weight]).detach().clone() if self.gated else ff.wi.weight
-                   for _, ff in self._sources]
+        fused = [self._fuse(att, ff) for att, ff in self._sources]
+        self.qkv = [qkv.detach().clone() for qkv, _ in fused]
+        self.wi = [wi.detach().clone() if self.gated else ff.wi.weight for (_, wi), (_, ff) in zip(fused, self._sources)]
         self._versions = self._weight_versions()
 
     # ------------------------------------------------------------------ inputs
@@ -162,11 +162,17 @@ class BeamSearch:
         versions = self._weight_versions()
         if versions != self._versions:
             for (att, ff), qkv, wi in zip(self._sources, self.qkv, self.wi):
-                qkv.copy_(torch.cat([att.q.weight, att.k.weight, att.v.weight]))
+                new_qkv, new_wi = self._fuse(att, ff)
+                qkv.copy_(new_qkv)
                 if self.gated:
-                    wi.copy_(torch.cat([ff.wi_0.weight, ff.wi_1.weight]))
+                    wi.copy_(new_wi)
             self._versions = versions
         self.reset()
+
+    def _fuse(self, att: nn.Module, ff: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer's q|k|v weights stacked, and a gated FF's wi_0|wi_1 (None for an ungated FF)."""
+        qkv = torch.cat([att.q.weight, att.k.weight, att.v.weight])
+        return qkv, torch.cat([ff.wi_0.weight, ff.wi_1.weight]) if self.gated else None
 
     def _weight_versions(self) -> list[tuple[int, int]]:
         """(address, in-place version) of every weight that `qkv` and `wi` copy."""
