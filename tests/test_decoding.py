@@ -113,6 +113,21 @@ def test_a_kept_search_follows_weights_changed_in_place():
     assert len(cache) == 1 and not torch.equal(before, after)
 
 
+def test_a_kept_search_follows_weights_replaced():
+    """A weight replaced by a new tensor (load_state_dict(assign=True), re-tying) is read again, not the old
+    tensor the search's views point to."""
+    torch.manual_seed(5)
+    t5 = LanguageDecoder(DynReferConfig.tiny()).eval().t5
+    inputs, mask = tiny_inputs(3, seed=6)
+    cache: dict = {}
+    before = assert_same(t5, inputs, mask, SETTINGS["official"], cache=cache)
+    block = t5.decoder.block[-1]
+    block.layer[0].SelfAttention.o.weight = torch.nn.Parameter(block.layer[0].SelfAttention.o.weight * -4.0)
+    t5.lm_head.weight = torch.nn.Parameter(t5.lm_head.weight.flip(0).clone())
+    after = assert_same(t5, inputs, mask, SETTINGS["official"], cache=cache)
+    assert len(cache) == 1 and not torch.equal(before, after)
+
+
 def test_settings_outside_the_fast_path():
     base = SETTINGS["official"]
     assert BeamSettings.resolve(base) == BeamSettings(2, 20, 1, 0, 0.0, 1.5)
@@ -203,3 +218,21 @@ def test_mini_describe_fast_equals_hf(mini):
     hf = model.describe(image, example["boxes"], decoder="hf")
     assert [r.caption for r in fast] == [r.caption for r in hf] and all(r.caption for r in fast)
     assert [r.caption_score for r in fast] == pytest.approx([r.caption_score for r in hf], rel=1e-5)
+
+
+def test_check_decoders_script(tmp_path):
+    """bench/check_decoders.py end to end on two generated scenes: both decoders agree, the JSON has both rows."""
+    import importlib.util
+
+    from dynrefer_core.data.generate import generate
+
+    spec = importlib.util.spec_from_file_location("check_decoders", ROOT / "bench" / "check_decoders.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    annotations = generate(61, 2, tmp_path / "data")
+    out = tmp_path / "decoders.json"
+    assert check.main(["--checkpoint", str(MINI), "--annotations", str(annotations), "--batch", "8",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["regions_per_call"] for r in rows] == [1, 8] and rows[1]["regions"] == 16
+    assert all(r["same_captions"] == r["regions"] and r["max_score_diff"] <= 1e-4 for r in rows)
