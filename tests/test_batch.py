@@ -143,6 +143,31 @@ def test_bad_jsonl_lines_get_error_lines(scenes, tmp_path):
     assert "not valid JSON" in lines[-2]["error"] and '"boxes" must be a list' in lines[-1]["error"]
 
 
+def test_preparing_processes_give_the_lines_of_one_process(scenes, tmp_path):
+    """Images prepared in 3 processes (forked, in input order, arrays sent back) or in this process: the same
+    lines. Batches of 2 regions keep several images in flight, so a reordering would show."""
+    outs = []
+    for workers in (0, 3):
+        outs.append(tmp_path / f"w{workers}.jsonl")
+        assert run("--input", scenes / "in.jsonl", "--out", outs[-1], "--batch-regions", 2, "--workers", workers) == 0
+    assert_same(records(outs[1]), records(outs[0]))
+    assert run("--input", scenes / "in.jsonl", "--out", tmp_path / "x.jsonl", "--workers", -1) == 2
+
+
+def _die(*args):  # a preparing process that crashes (pickled by reference into the forked worker)
+    os._exit(3)
+
+
+def test_a_dying_preparing_process_stops_the_run_with_a_clear_error(scenes, tmp_path, monkeypatch, capsys):
+    from dynrefer_core.batch import engine
+
+    monkeypatch.setattr(engine, "_prepare_for_transfer", _die)
+    out = tmp_path / "out.jsonl"
+    assert run("--input", scenes / "in.jsonl", "--out", out, "--workers", 1) == 2
+    err = capsys.readouterr().err
+    assert "a process preparing images died" in err and "--resume" in err and "images/s6061_" in err
+
+
 @pytest.mark.slow
 def test_resume_after_a_kill_loses_nothing_and_doubles_nothing(scenes, tmp_path):
     whole = tmp_path / "whole.jsonl"

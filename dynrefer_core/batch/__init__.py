@@ -15,13 +15,13 @@ index>"), `box`, `caption`, `caption_score`, `tags`, `similarity`, `category`, `
 `control`, `box_rounding`; a region that fails gets a line with the same ids and an `error` instead.
 Lines are appended and flushed per batch, so a killed run loses at most the batch in flight; `--resume`
 skips the region ids already in the output. Images are decoded and their views planned and rendered in
-worker threads while the model runs, and regions of several images share a batch.
+worker processes while the model runs, and regions of several images share a batch.
 """
 from .command import main
-from .engine import DescribeSettings, Rank, RunSummary, describe_prepared, prepare_image, run_local
+from .engine import DescribeSettings, Rank, RunSummary, default_workers, describe_prepared, prepare_image, run_local
 from .inputs import ImageTask, read_tasks
 from .records import JsonlWriter, coco_results, merge_parts, read_records, region_key, repair_tail
 
-__all__ = ["DescribeSettings", "ImageTask", "JsonlWriter", "Rank", "RunSummary", "coco_results", "describe_prepared",
-           "main", "merge_parts", "prepare_image", "read_records", "read_tasks", "region_key", "repair_tail",
+__all__ = ["DescribeSettings", "ImageTask", "JsonlWriter", "Rank", "RunSummary", "coco_results", "default_workers",
+           "describe_prepared", "main", "merge_parts", "prepare_image", "read_records", "read_tasks", "region_key", "repair_tail",
            "run_local"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..cli import add_view_arguments, view_options
-from .engine import DescribeSettings, Rank, RunSummary, run_local
+from .engine import DescribeSettings, Rank, RunSummary, WorkerError, run_local
 from .inputs import ImageTask, read_tasks
 from .records import JsonlWriter, coco_results, merge_parts, part_paths, read_records, region_key, repair_tail
 
@@ -30,7 +30,9 @@ def build_parser(prog: str = "dynrefer describe") -> argparse.ArgumentParser:
     ap.add_argument("--batch-regions", type=int, default=32, help="regions per model batch (across images)")
     ap.add_argument("--decoder", choices=["fast", "hf"], default="fast",
                     help="caption decoding: our static-cache beam search, or transformers' generate (the same captions)")
-    ap.add_argument("--workers", type=int, default=2, help="threads decoding images and rendering views")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes decoding images and planning and rendering views (default: the cores but one, "
+                         "at most 8; 0: in the main process)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: runtime's choice)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--engine", choices=["local", "ray"], default="local")
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"described {summary.regions - summary.failed} regions, {summary.failed} failed"
                   + (f" (their lines in {out} say why)" if summary.failed else "") + f"; output: {out}")
         return 1 if failed else 0
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, WorkerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

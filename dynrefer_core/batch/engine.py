@@ -1,11 +1,16 @@
-"""The local engine of `dynrefer describe`: views prepared in threads ahead of the model, regions of several
-images per model batch, records written per batch; a torchrun rank runs the same on its shard."""
+"""The local engine of `dynrefer describe`: views prepared in worker processes ahead of the model, regions of
+several images per model batch, records written per batch; a torchrun rank runs the same on its shard."""
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
 import os
+import signal
+import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +20,11 @@ from ..describe import describe_views, region_results
 from ..views import RenderedViews, ViewOptions, load_image, prepare, region_box
 from .inputs import ImageTask
 from .records import JsonlWriter, region_key
+
+def default_workers() -> int:
+    """Processes preparing images: every core but one (the model's main thread), at most 8, at least 1."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
 
 @dataclass(frozen=True)
 class DescribeSettings:
@@ -38,7 +48,7 @@ class PreparedImage:
 
 
 def prepare_image(task: ImageTask, pending: Sequence[int], views: ViewOptions, size: int) -> PreparedImage:
-    """The CPU side for one image (runs in a worker thread): every failure becomes its regions' error."""
+    """The CPU side for one image (runs in a worker process): every failure becomes its regions' error."""
     if task.error is not None:
         return PreparedImage(task, [], None, {k: task.error for k in pending})
     try:
@@ -98,16 +108,83 @@ def _record(task: ImageTask, k: int, result) -> dict:
     return {**_ids(task, k), **d}
 
 
-def prefetch(fn: Callable, items: Iterable, workers: int, depth: int) -> Iterator:
-    """fn(item) for each item on `workers` threads, at most `depth` ahead, results in input order."""
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="describe-prepare") as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+class WorkerError(RuntimeError):
+    """A process preparing images died (killed, out of memory, a crash in an image library)."""
+
+
+class Preparer:
+    """Prepares images ahead of the model in `workers` processes (0: in this process), in input order, keeping
+    about `ahead` regions in flight (two model batches: the next batch is ready when the model wants it).
+
+    Processes, not threads: measured on our 2 cores, a thread preparing images next to the model slows the
+    model by 35 % (both want the GIL: planning and rendering hold it between their C calls), a process by 5 %.
+    The workers are forked (on Linux; spawned elsewhere) when the preparer is made, before any other thread of
+    the run starts; they use one torch thread each and leave Ctrl-C to the main process. Arrays come back by
+    value (cheaper for the receiving process than torch's shared-memory handles, measured); the PIL crops,
+    which no record shows, do not come back.
+    """
+
+    def __init__(self, views: ViewOptions, size: int, workers: int, ahead: int = 64):
+        self.views, self.size, self.workers, self.ahead = views, size, workers, ahead
+        self.pool = None
+        if workers > 0:
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+            self.pool.submit(int).result()  # start the workers now, while this is the only thread
+
+    def map(self, work: Iterable[tuple[ImageTask, list[int]]]) -> Iterator[PreparedImage]:
+        if self.pool is None:
+            for task, pending in work:
+                yield prepare_image(task, pending, self.views, self.size)
+            return
+        in_flight: deque = deque()  # (image, future, its pending regions)
+        regions = 0
+        try:
+            for task, pending in work:
+                future = self.pool.submit(_prepare_for_transfer, task, pending, self.views, self.size)
+                in_flight.append((task.image, future, len(pending)))
+                regions += len(pending)
+                while len(in_flight) > self.workers and regions >= self.ahead:
+                    _, future, n = in_flight.popleft()
+                    regions -= n
+                    yield _received(future.result())
+            for _, future, _ in in_flight:
+                yield _received(future.result())
+        except BrokenProcessPool as err:
+            images = ", ".join(image for image, _, _ in list(in_flight)[:3])
+            raise WorkerError(f"a process preparing images died (out of memory, killed, or a crash reading one "
+                              f"of {images} ...); the lines written so far are kept: run again with --resume, "
+                              f"or with --workers 0 to see the failing image's error") from err
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "Preparer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _prepare_for_transfer(task: ImageTask, pending: list[int], views: ViewOptions, size: int) -> PreparedImage:
+    item = prepare_image(task, pending, views, size)
+    if item.views is not None:
+        item.views = dataclasses.replace(item.views, crops=[], pixel_values=item.views.pixel_values.numpy(),
+                                         boxes=item.views.boxes.numpy())
+    return item
+
+
+def _received(item: PreparedImage) -> PreparedImage:
+    if item.views is not None:
+        item.views = dataclasses.replace(item.views, pixel_values=torch.from_numpy(item.views.pixel_values),
+                                         boxes=torch.from_numpy(item.views.boxes))
+    return item
 
 
 @dataclass
@@ -117,36 +194,38 @@ class RunSummary:
 
 
 def run_local(model, tasks: Iterable[ImageTask], done: set[str], writer: JsonlWriter, settings: DescribeSettings,
-              *, workers: int = 2, total: int | None = None, progress: bool = True,
+              *, workers: int | None = None, total: int | None = None, progress: bool = True,
               with_index: bool = False) -> RunSummary:
     """Describe every pending region of `tasks` (those whose id is not in `done`), writing each batch's records
-    as soon as it is done. `with_index`: tag records with their image's input position (for merging parts)."""
+    as soon as it is done. `workers`: processes preparing images (default: `default_workers()`; 0: prepare
+    in this process). `with_index`: tag records with their image's input position (for merging parts)."""
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise ValueError(f"workers={workers}: give 0 (prepare in this process) or more")
     views = settings.views.resolve(model.config)
-    size = model.config.image_size
     work = ((t, [k for k, rid in enumerate(t.region_ids) if region_key(rid) not in done]) for t in tasks)
     summary = RunSummary()
-    bar = tqdm(total=total, unit="region", desc="describe", disable=not progress, dynamic_ncols=True)
     batch: list[PreparedImage] = []
+    with Preparer(views, model.config.image_size, workers, ahead=2 * settings.batch_regions) as preparer:
+        bar = tqdm(total=total, unit="region", desc="describe", disable=not progress, dynamic_ncols=True)
 
-    def flush() -> None:
-        per_image = describe_prepared(model, batch, settings)
-        records = [{**r, "_index": it.task.index} if with_index else r
-                   for it, recs in zip(batch, per_image) for r in recs]
-        writer.write(records)
-        summary.regions += len(records)
-        summary.failed += sum("error" in r for r in records)
-        bar.update(len(records))
-        batch.clear()
+        def flush() -> None:
+            per_image = describe_prepared(model, batch, settings)
+            records = [{**r, "_index": it.task.index} if with_index else r
+                       for it, recs in zip(batch, per_image) for r in recs]
+            writer.write(records)
+            summary.regions += len(records)
+            summary.failed += sum("error" in r for r in records)
+            bar.update(len(records))
+            batch.clear()
 
-    prepared = prefetch(lambda tp: prepare_image(tp[0], tp[1], views, size), (tp for tp in work if tp[1]),
-                        workers, depth=2 * workers + 2)
-    for item in prepared:
-        batch.append(item)
-        if sum(len(it.keep) for it in batch) >= settings.batch_regions:
+        for item in preparer.map((t, pending) for t, pending in work if pending):
+            batch.append(item)
+            if sum(len(it.keep) for it in batch) >= settings.batch_regions:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
-    bar.close()
+        bar.close()
     return summary
 
 

@@ -119,7 +119,8 @@ class ImagehashHasher:
             self._cache[key] = np.asarray(self._fn(crop, hash_size=HASH_SIZE).hash, dtype=bool)
         return self._cache[key]
 
-    def many(self, crop_boxes: np.ndarray) -> np.ndarray:
+    def many(self, crop_boxes: np.ndarray, workers: int | None = None) -> np.ndarray:
+        """Hashes (K, 8, 8) of K crop boxes, in this thread (`workers` is accepted for DctHasher's signature)."""
         return np.stack([self(c) for c in np.asarray(crop_boxes).reshape(-1, 4)])
 
 

@@ -157,8 +157,10 @@ def plan_views(image: ImageSource, box: Sequence[float], n_views: int = 3, strat
     return plan_views_batch(image, [box], options)[0]
 
 
-def plan_views_batch(image: ImageSource, boxes: Sequence[Sequence[float]], views: ViewOptions) -> list[ViewPlan]:
+def plan_views_batch(image: ImageSource, boxes: Sequence[Sequence[float]], views: ViewOptions, *,
+                     workers: int | None = None) -> list[ViewPlan]:
     """``plan_views`` for many regions of one image: the image is converted (and hashed per crop box) once.
+    ``workers``: threads hashing the crops (default ``min(8, cpus)``; 1 hashes in this thread).
 
     With ``strategy="random"`` one Generator seeded with ``views.seed`` draws for all boxes in order. A box that
     cannot be planned raises `BoxError` (a ValueError) with its index in ``boxes``.
@@ -183,7 +185,7 @@ def plan_views_batch(image: ImageSource, boxes: Sequence[Sequence[float]], views
     # (N, 11, 4) float32 boxes b_t, their crop boxes and (N, 11, 64) hashes h_t.
     b_t = np.stack([view_boxes(b, size, all_ts) for b in regions])
     crops = np.stack([crop_boxes(b, size) for b in b_t])
-    bits = hasher.many(crops).reshape(len(regions), len(all_ts), -1)
+    bits = hasher.many(crops, workers=workers).reshape(len(regions), len(all_ts), -1)
     hamming = (bits[:, :1] != bits[:, 1:]).sum(-1)
     scores = hamming / grid ** alpha
     rng = np.random.default_rng(seed) if strategy == "random" else None

@@ -37,12 +37,13 @@ class RenderedViews:
 def prepare(image: ImageSource, boxes: Sequence[Sequence[float]], views: ViewOptions, size: int, *,
             workers: int | None = None) -> RenderedViews:
     """The CPU side of describing regions: plan the views of every box of one image and render them at
-    S = ``size`` (``views`` resolved for the model: n_views and box_rounding set; ``workers``: render_views')."""
+    S = ``size`` (``views`` resolved for the model: n_views and box_rounding set; ``workers``: the threads
+    hashing and rendering, see render_views)."""
     if views.box_rounding is None:
         raise ValueError("ViewOptions.box_rounding is not set: resolve the options for a model first")
     pil = load_image(image)
-    return render_views(pil, plan_views_batch(pil, boxes, views), size, box_rounding=views.box_rounding,
-                        workers=workers)
+    return render_views(pil, plan_views_batch(pil, boxes, views, workers=workers), size,
+                        box_rounding=views.box_rounding, workers=workers)
 
 
 def render_views(image: ImageSource, plans: ViewPlan | Sequence[ViewPlan], size: int = 224, *,
