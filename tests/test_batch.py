@@ -168,6 +168,15 @@ def test_a_dying_preparing_process_stops_the_run_with_a_clear_error(scenes, tmp_
     assert "a process preparing images died" in err and "--resume" in err and "images/s6061_" in err
 
 
+def _parent(proc_dir: Path) -> int | None:
+    """The parent pid of a /proc/PID entry, None once it is gone (or a zombie)."""
+    try:
+        fields = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[1])
+
+
 @pytest.mark.slow
 def test_resume_after_a_kill_loses_nothing_and_doubles_nothing(scenes, tmp_path):
     whole = tmp_path / "whole.jsonl"
@@ -180,8 +189,14 @@ def test_resume_after_a_kill_loses_nothing_and_doubles_nothing(scenes, tmp_path)
     cut = np.random.default_rng().integers(2, len(records(whole)) - 2)  # kill at a random point
     while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < cut):
         time.sleep(0.05)
+    workers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == proc.pid]
+    assert workers, "the run prepares images in worker processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    gone = time.time() + 10  # the workers leave with the killed run
+    while time.time() < gone and any(p.exists() and _parent(p) is not None for p in workers):
+        time.sleep(0.1)
+    assert not any(p.exists() and _parent(p) is not None for p in workers), "a worker outlived the killed run"
     done = out.read_text()
     assert 0 < done.count("\n") < len(records(whole))
     with out.open("a") as f:  # as if the kill had come in the middle of a write

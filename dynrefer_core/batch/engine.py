@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -119,7 +121,8 @@ class Preparer:
     Processes, not threads: measured on our 2 cores, a thread preparing images next to the model slows the
     model by 35 % (both want the GIL: planning and rendering hold it between their C calls), a process by 5 %.
     The workers are forked (on Linux; spawned elsewhere) when the preparer is made, before any other thread of
-    the run starts; they use one torch thread each and leave Ctrl-C to the main process. Arrays come back by
+    the run starts; they use one torch thread each, leave Ctrl-C to the main process and exit when it dies
+    (even by SIGKILL). Arrays come back by
     value (cheaper for the receiving process than torch's shared-memory handles, measured); the PIL crops,
     which no record shows, do not come back.
     """
@@ -129,7 +132,8 @@ class Preparer:
         self.pool = None
         if workers > 0:
             context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                            initargs=(os.getpid(),))
             self.pool.submit(int).result()  # start the workers now, while this is the only thread
 
     def map(self, work: Iterable[tuple[ImageTask, list[int]]]) -> Iterator[PreparedImage]:
@@ -167,9 +171,18 @@ class Preparer:
         self.close()
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A worker's watch: a run killed with SIGKILL cannot shut its pool down, and a forked worker holds the
+    write end of its own task pipe, so it would wait for work forever; it leaves once it is orphaned."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def _prepare_for_transfer(task: ImageTask, pending: list[int], views: ViewOptions, size: int) -> PreparedImage:
