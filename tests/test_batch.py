@@ -154,6 +154,12 @@ def test_preparing_processes_give_the_lines_of_one_process(scenes, tmp_path):
     assert run("--input", scenes / "in.jsonl", "--out", tmp_path / "x.jsonl", "--workers", -1) == 2
 
 
+def test_a_batch_is_split_into_equal_model_calls():
+    from dynrefer_core.batch.engine import call_size
+
+    assert [call_size(n, 32) for n in (1, 32, 37, 47, 50, 64, 1000)] == [1, 32, 37, 47, 25, 32, 33]
+
+
 def _die(*args):  # a preparing process that crashes (pickled by reference into the forked worker)
     os._exit(3)
 

@@ -71,16 +71,26 @@ def prepare_image(task: ImageTask, pending: Sequence[int], views: ViewOptions, s
     return PreparedImage(task, keep, rendered, errors)
 
 
+def call_size(regions: int, batch_regions: int) -> int:
+    """Regions per model call for a batch of `regions`: equal calls of about `batch_regions`.
+
+    A batch ends on an image boundary, so it holds a few regions more than batch_regions; 37 regions make one
+    call, not 32 + 5, where the 5 would pay a whole call's overhead (over images of about 6 regions that split
+    made 18 calls of 10 batches; removing it took bench_describe from 1.46x to 1.68x)."""
+    calls = max(1, round(regions / batch_regions))
+    return -(-regions // calls)
+
+
 def describe_prepared(model, items: Sequence[PreparedImage], settings: DescribeSettings) -> list[list[dict]]:
     """The model on the regions of several images at once: per image, one record per region in box order."""
     rendered = [it for it in items if it.keep]
     phrases = list(dict.fromkeys(p.strip() for it in rendered for p in it.task.phrases if p.strip()))
     results: list = []
     if rendered:
-        out = describe_views(model, torch.cat([it.views.pixel_values for it in rendered]),
-                             torch.cat([it.views.boxes for it in rendered]), phrases=phrases,
+        pixel_values = torch.cat([it.views.pixel_values for it in rendered])
+        out = describe_views(model, pixel_values, torch.cat([it.views.boxes for it in rendered]), phrases=phrases,
                              controls=settings.controls, tag_threshold=settings.tag_threshold,
-                             batch_size=settings.batch_regions, **settings.generation)
+                             batch_size=call_size(len(pixel_values), settings.batch_regions), **settings.generation)
         plans = [p for it in rendered for p in it.views.plans]
         results = region_results(plans, out, phrases, box_rounding=rendered[0].views.box_rounding)
     records, position = [], 0
