@@ -48,7 +48,8 @@ def summarise(calls: list[dict], regions_per_call: int) -> dict:
     hf, fast = sum(c["hf_ms"] for c in calls), sum(c["fast_ms"] for c in calls)
     regions = sum(len(c["same"]) for c in calls)
     return {"regions_per_call": regions_per_call, "calls": len(calls), "regions": regions,
-            "same_captions": sum(sum(c["same"]) for c in calls), "max_score_diff": max(max(c["score_diff"]) for c in calls),
+            "same_captions": sum(sum(c["same"]) for c in calls),
+            "max_score_diff": max(max(c["score_diff"]) for c in calls),
             "hf_ms_per_region": hf / regions, "fast_ms_per_region": fast / regions, "speed_up": hf / fast,
             "speed_up_median_call": statistics.median(c["hf_ms"] / c["fast_ms"] for c in calls)}
 

@@ -65,9 +65,7 @@ class EvalResult:
     attribute_arrays: tuple | None = field(default=None, repr=False)  # (scores, labels) per region; not saved
 
     def to_dict(self, with_predictions: bool = False) -> dict:
-        arrays, self.attribute_arrays = self.attribute_arrays, None
-        d = asdict(self)
-        self.attribute_arrays = arrays
+        d = asdict(dataclasses.replace(self, attribute_arrays=None))  # the arrays are not saved (nor copied)
         d.pop("attribute_arrays")
         caps = d.pop("captions")
         d.update({k: math.nan for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")})

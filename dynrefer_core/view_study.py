@@ -30,13 +30,12 @@ import numpy as np
 from . import metrics
 from .data.annotations import RegionAnnotations
 from .evaluate import densecap_inputs, evaluate_model
-from .views import ViewOptions
+from .views import TASKS, ViewOptions
 
-# task -> its metrics; PRIMARY: the one a task prior maximises
+# task -> its metrics, the first the one a task prior maximises (PRIMARY; "tags" has no prior)
 TASK_METRICS = {"captioning": ("CIDEr", "METEOR"), "dense": ("densecap_map",), "attributes": ("attribute_mAP",),
                 "recognition": ("recognition_top1",), "tags": ("tag_f1",)}
-PRIMARY = {"captioning": "CIDEr", "dense": "densecap_map", "attributes": "attribute_mAP",
-           "recognition": "recognition_top1"}
+PRIMARY = {task: TASK_METRICS[task][0] for task in TASKS}
 LABELS = {"CIDEr": "CIDEr", "METEOR": "METEOR", "densecap_map": "DenseCap mAP (GT boxes)",
           "attribute_mAP": "attribute mAP", "recognition_top1": "recognition top-1", "tag_f1": "tag F1"}
 METRICS = tuple(m for ms in TASK_METRICS.values() for m in ms)
@@ -234,15 +233,14 @@ def sweep_record(settings: list[Setting], image_ids: list, n_regions: int, resam
 
 def best_ts(sweep: dict, n_views: int) -> dict[str, list[float] | str]:
     """Per task, as `DynReferConfig.task_priors` holds it: the context ts of the swept setting with the best
-    value of the task's PRIMARY metric (ties: the smaller t), i.e. [t, 0, ...] (the other slots the tight
-    crop, as measured), if its paired interval against pHASH lies above 0; else "phash" (no fixed view
-    measured better than the image prior). Tasks the sweep could not score get none."""
+    value of the task's PRIMARY metric (the sweep's `best`; ties: the smaller t), i.e. [t, 0, ...] (the other
+    slots the tight crop, as measured), if its paired interval against pHASH lies above 0; else "phash" (no
+    fixed view measured better than the image prior). Tasks the sweep could not score get none."""
     out: dict[str, list[float] | str] = {}
     for task, m in PRIMARY.items():
-        rows = [r for r in sweep["rows"] if r["t"] is not None and m in r["metrics"]]
-        if not rows:
+        if m not in sweep["best"]:
             continue
-        best = min(rows, key=lambda r: (-r["metrics"][m]["value"], r["t"]))
+        best = next(r for r in sweep["rows"] if r["t"] == sweep["best"][m])
         against = best["metrics"][m].get("vs_phash")
         beats_phash = against is None or against[0] > 0
         out[task] = [best["t"]] + [0.0] * (n_views - 2) if beats_phash else "phash"

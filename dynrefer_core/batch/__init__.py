@@ -23,5 +23,5 @@ from .inputs import ImageTask, read_tasks
 from .records import JsonlWriter, coco_results, merge_parts, read_records, region_key, repair_tail
 
 __all__ = ["DescribeSettings", "ImageTask", "JsonlWriter", "Rank", "RunSummary", "coco_results", "default_workers",
-           "describe_prepared", "main", "merge_parts", "prepare_image", "read_records", "read_tasks", "region_key", "repair_tail",
-           "run_local"]
+           "describe_prepared", "main", "merge_parts", "prepare_image", "read_records", "read_tasks", "region_key",
+           "repair_tail", "run_local"]

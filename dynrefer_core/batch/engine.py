@@ -23,6 +23,7 @@ from ..views import RenderedViews, ViewOptions, load_image, prepare, region_box
 from .inputs import ImageTask
 from .records import JsonlWriter, region_key
 
+
 def default_workers() -> int:
     """Processes preparing images: every core but one (the model's main thread), at most 8, at least 1."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -132,9 +133,8 @@ class Preparer:
     model by 35 % (both want the GIL: planning and rendering hold it between their C calls), a process by 5 %.
     The workers are forked (on Linux; spawned elsewhere) when the preparer is made, before any other thread of
     the run starts; they use one torch thread each, leave Ctrl-C to the main process and exit when it dies
-    (even by SIGKILL). Arrays come back by
-    value (cheaper for the receiving process than torch's shared-memory handles, measured); the PIL crops,
-    which no record shows, do not come back.
+    (even by SIGKILL). Arrays come back by value (cheaper for the receiving process than torch's shared-memory
+    handles, measured); the PIL crops, which no record shows, do not come back.
     """
 
     def __init__(self, views: ViewOptions, size: int, workers: int, ahead: int = 64):
